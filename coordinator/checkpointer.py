@@ -1,0 +1,110 @@
+"""Checkpointing the shared model: download the swarm's state, write it atomically.
+
+Periodic checkpoints run in a background thread so the coordinator keeps tracking meanwhile; at most
+one runs at a time. A failed download or an unwritable directory is logged and the previous
+checkpoint stays in place; the next attempt happens at the next checkpoint step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import hivemind
+
+from dedloc.checkpoint import write_checkpoint
+from dedloc.config import RunConfig
+from dedloc.swarm.optimizer import StateReader
+from dedloc.swarm.records import RunManifest
+from dedloc.task.build import hf_tokenizer
+from dedloc.task.model import build_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SavedCheckpoint:
+    step: int
+    path: Path
+    saved_at: float
+
+
+class Checkpointer:
+    def __init__(self, dht: hivemind.DHT, manifest: RunManifest, root: Path):
+        config: RunConfig = manifest.config
+        self.config, self.manifest, self.root = config, manifest, root
+        self.tokenizer = hf_tokenizer(config, manifest.tokenizer_json)
+        self.model = build_model(config.model, self.tokenizer, seed=config.training.seed)
+        self.reader = StateReader(dht, config, self.model)
+        self.latest: Optional[SavedCheckpoint] = None
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, wanted_step: int) -> bool:
+        """Begin a checkpoint of a state at least as new as ``wanted_step`` in the background;
+        False if one is already running."""
+        if self.busy:
+            return False
+        self._thread = threading.Thread(target=self.save, args=(wanted_step,), name="checkpointer", daemon=True)
+        self._thread.start()
+        return True
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def save(self, wanted_step: int, attempts: int = 3, stop: Optional[threading.Event] = None) -> Optional[SavedCheckpoint]:
+        """Download a state of step ≥ ``wanted_step`` (trying up to ``attempts`` times) and write it.
+
+        Returns what was written, or None (logged) when no peer served such a state or writing failed.
+        """
+        with self._lock:
+            step = None
+            for attempt in range(attempts):
+                started = time.monotonic()
+                step = self.reader.download(timeout=self.config.averaging.load_state_timeout)
+                if step is not None and step >= wanted_step:
+                    logger.info(f"downloaded the swarm's state at step {step} in {time.monotonic() - started:.1f} s")
+                    break
+                logger.info(f"no peer served a state of step ≥ {wanted_step} yet (attempt {attempt + 1}/{attempts})")
+                if (stop or threading.Event()).wait(2.0):
+                    return None
+            else:
+                logger.warning(f"could not download the swarm's state for step {wanted_step}; keeping the previous checkpoint")
+                return None
+            try:
+                path = write_checkpoint(
+                    self.root,
+                    step,
+                    self.model,
+                    self.tokenizer,
+                    self.reader.optimizer,
+                    trainer_state=dict(
+                        run_id=self.config.run_id,
+                        config_sha256=self.manifest.config_sha256,
+                        tokenizer_sha256=self.manifest.tokenizer_sha256,
+                        run_config=self.config.to_json_dict(),
+                    ),
+                    keep_last=self.config.checkpoint.keep_last,
+                )
+            except OSError as e:
+                logger.error(
+                    f"cannot write a checkpoint to {self.root}: {e.strerror or e}; the previous checkpoint is "
+                    "kept and tracking goes on"
+                )
+                return None
+            self.latest = SavedCheckpoint(step=step, path=path, saved_at=time.time())
+            logger.info(f"checkpoint step={step} written to {path}")
+            return self.latest
+
+    def shutdown(self) -> None:
+        self.wait(timeout=5)
+        self.reader.shutdown()

@@ -1,0 +1,99 @@
+"""Following the swarm's progress from the metrics records peers publish after every global step.
+
+:meth:`SwarmTracker.poll` turns what it reads into one :class:`StepRecord` per finished global step,
+in order, each exactly once. A step is finished when some peer has moved past it, or when every live
+peer has reported reaching it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import hivemind
+
+from dedloc.swarm.records import PeerMetrics, fetch_metrics
+
+logger = logging.getLogger(__name__)
+
+ALIVE_WINDOW = 60.0
+"""A peer counts as alive if its newest record is younger than this (peers refresh every 30 s)."""
+
+
+@dataclass
+class StepRecord:
+    """One global step as the coordinator saw it (the same keys appear in logs and history)."""
+
+    step: int
+    loss: Optional[float]
+    samples_per_second: float
+    peers: int
+    samples: int
+    time: float
+    reporters: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def log_line(self) -> str:
+        loss = "n/a" if self.loss is None else f"{self.loss:.4f}"
+        return (
+            f"step={self.step} loss={loss} samples/s={self.samples_per_second:.1f} "
+            f"peers={self.peers} samples={self.samples}"
+        )
+
+
+class SwarmTracker:
+    def __init__(self, dht: hivemind.DHT, run_id: str, start_step: int = 0):
+        self.dht, self.run_id = dht, run_id
+        self.logged_until = start_step
+        self.global_step = start_step
+        self.alive: dict[str, PeerMetrics] = {}
+        self.peer_samples: dict[str, int] = {}
+        self._reports: dict[int, dict[str, PeerMetrics]] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def total_samples(self) -> int:
+        """Samples contributed by all peers seen so far (each peer's own running total, summed)."""
+        return sum(self.peer_samples.values())
+
+    def poll(self) -> list[StepRecord]:
+        metrics, dropped = fetch_metrics(self.dht, self.run_id)
+        for peer in dropped:
+            if peer not in self._warned:
+                self._warned.add(peer)
+                logger.warning(f"dropping malformed metrics published by peer {peer}")
+        now = time.time()
+        self.alive = {pid: m for pid, m in metrics.items() if now - m.time < ALIVE_WINDOW}
+        for pid, m in self.alive.items():
+            self.peer_samples[pid] = max(self.peer_samples.get(pid, 0), m.samples)
+            if m.loss is not None and m.mini_steps > 0 and m.step > self.logged_until:
+                self._reports.setdefault(m.step, {})[pid] = m
+        self.global_step = max([self.global_step] + [m.step for m in self.alive.values()])
+
+        finished = []
+        for step in range(self.logged_until + 1, self.global_step + 1):
+            everyone_there = all(m.step >= step for m in self.alive.values())
+            if step >= self.global_step and not everyone_there:
+                break
+            reports = self._reports.pop(step, {})
+            total_mini_steps = sum(r.mini_steps for r in reports.values())
+            loss = (
+                sum(r.loss * r.mini_steps for r in reports.values()) / total_mini_steps if total_mini_steps else None
+            )
+            finished.append(
+                StepRecord(
+                    step=step,
+                    loss=loss,
+                    samples_per_second=sum(m.samples_per_second for m in self.alive.values()),
+                    peers=len(self.alive),
+                    samples=self.total_samples,
+                    time=now,
+                    reporters=len(reports),
+                )
+            )
+            self.logged_until = step
+        return finished

@@ -1,0 +1,187 @@
+"""``dedloc`` — the command line: parse, build, run. Everything heavy lives in importable modules.
+
+Exit codes: 0 ok; 2 the user's input is wrong; 3 the swarm or coordinator cannot be reached;
+1 unexpected failure (traceback only with ``--debug``); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dedloc import __version__
+from dedloc.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, DedlocError
+from dedloc.logs import LEVELS
+
+logger = logging.getLogger("dedloc")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LEVELS, default="info", help="logging verbosity (default: info)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+    parser = argparse.ArgumentParser(
+        prog="dedloc",
+        description="Pretrain one model together on volunteers' GPUs over the internet.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"dedloc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    coordinator = sub.add_parser(
+        "coordinator", parents=[common], help="run the coordinator of a training run",
+        description="Bootstrap a swarm, publish the run config, track progress and checkpoint the model.",
+    )
+    coordinator.add_argument("--config", required=True, type=Path, help="run configuration (TOML)")
+    coordinator.add_argument(
+        "--workdir", type=Path, default=Path("dedloc-coordinator"),
+        help="state directory: identity, tokenizer, checkpoints, history (default: ./dedloc-coordinator)",
+    )
+    coordinator.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    coordinator.add_argument("--port", type=_port, default=0, help="TCP port to listen on (default: any free port)")
+    coordinator.add_argument(
+        "--announce-maddr", dest="announce_maddrs", action="append", default=[], metavar="MULTIADDR",
+        help="address peers should dial, e.g. /ip4/203.0.113.7/tcp/31337 (repeatable)",
+    )
+    coordinator.add_argument(
+        "--nat-traversal", action="store_true",
+        help="let libp2p map ports (UPnP/NAT-PMP) and probe reachability; off by default",
+    )
+    coordinator.add_argument("--max-steps", type=_positive_int, help="end the run after this global step")
+
+    peer = sub.add_parser(
+        "peer", parents=[common], help="join a training run as a volunteer",
+        description="Join a swarm with the coordinator's address and train with it.",
+    )
+    peer.add_argument(
+        "--join", nargs="+", action="extend", required=True, metavar="MULTIADDR",
+        help="the coordinator's address as it printed it (…/p2p/<peer id>); several allowed",
+    )
+    peer.add_argument("--identity", type=Path, help="persistent identity file (created if missing)")
+    peer.add_argument("--workdir", type=Path, help="directory for this peer's caches")
+    peer.add_argument("--micro-batch", type=_positive_int, dest="micro_batch_size", help="samples per forward pass")
+    peer.add_argument("--data", help="local copy of the run's data source (overrides the run's)")
+    peer.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    peer.add_argument("--port", type=_port, default=0, help="TCP port to listen on (default: any free port)")
+    peer.add_argument("--announce-maddr", dest="announce_maddrs", action="append", default=[], metavar="MULTIADDR")
+    peer.add_argument("--client-mode", action="store_true", help="accept no incoming connections (behind NAT)")
+    peer.add_argument("--nat-traversal", action="store_true", help="let libp2p map ports and probe reachability")
+    peer.add_argument("--volunteer", help="your name on the run's leaderboard")
+    peer.add_argument("--snapshot-dir", type=Path, help="write this peer's final model here when it leaves")
+    peer.add_argument("--threads", type=_positive_int, help="CPU threads for training")
+
+    swarm = sub.add_parser(
+        "swarm", parents=[common], help="run a whole local swarm (coordinator + peers) on loopback",
+        description="Start a coordinator and N peers as processes on this machine, train, stop by itself.",
+    )
+    swarm.add_argument("--peers", type=_positive_int, default=2, help="number of peers (default: 2)")
+    swarm.add_argument("--max-steps", type=_positive_int, help="stop after this global step (default: the run's total)")
+    swarm.add_argument("--workdir", type=Path, help="directory for checkpoints, logs, summary.json (default: a new one)")
+    swarm.add_argument("--config", type=Path, help="run configuration (default: the embedded default run)")
+    swarm.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds (default: 1800)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dedloc.logs import setup_logging
+    from dedloc.swarm.addresses import listen_maddr
+
+    setup_logging(args.log_level, args.command)
+    if args.command == "coordinator":
+        from dedloc.coordinator.daemon import CoordinatorOptions, run_coordinator
+
+        return run_coordinator(
+            CoordinatorOptions(
+                config=args.config,
+                workdir=args.workdir,
+                host=args.host,
+                port=args.port,
+                announce_maddrs=args.announce_maddrs,
+                nat_traversal=args.nat_traversal,
+                max_steps=args.max_steps,
+                log_level=args.log_level,
+            )
+        )
+    if args.command == "peer":
+        from dedloc.peer.daemon import PeerOptions, run_peer
+
+        return run_peer(
+            PeerOptions(
+                join=args.join,
+                identity=args.identity,
+                workdir=args.workdir,
+                micro_batch_size=args.micro_batch_size,
+                data=args.data,
+                host_maddrs=[listen_maddr(args.host, args.port)],
+                announce_maddrs=args.announce_maddrs,
+                client_mode=args.client_mode,
+                nat_traversal=args.nat_traversal,
+                volunteer=args.volunteer,
+                snapshot_dir=args.snapshot_dir,
+                threads=args.threads,
+                log_level=args.log_level,
+            )
+        )
+    if args.command == "swarm":
+        from dedloc.local_swarm import SwarmOptions, run_local_swarm
+
+        return run_local_swarm(
+            SwarmOptions(
+                peers=args.peers,
+                max_steps=args.max_steps,
+                workdir=args.workdir,
+                config=args.config,
+                timeout=args.timeout,
+                log_level=args.log_level,
+            )
+        )
+    raise AssertionError(args.command)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = _run(args)
+    except DedlocError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"dedloc {args.command}: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print(f"dedloc {args.command}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"dedloc {args.command}: unexpected error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        code = EXIT_UNEXPECTED
+    sys.exit(code)

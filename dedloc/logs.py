@@ -1,0 +1,54 @@
+"""One log format for every dedloc process: time, role and short peer id, logger, message.
+
+hivemind's own loggers are routed into the same handler (quieter than ours unless ``--log-level
+debug``), and colour is used only on a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Formatter(logging.Formatter):
+    COLOURS = {logging.WARNING: "\033[33m", logging.ERROR: "\033[31m", logging.CRITICAL: "\033[31m"}
+
+    def __init__(self, tag: str, colour: bool):
+        super().__init__(fmt=f"%(asctime)s %(levelname)-7s [{tag}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+        self.colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.colour and record.levelno in self.COLOURS:
+            return f"{self.COLOURS[record.levelno]}{text}\033[0m"
+        return text
+
+
+_handler: Optional[logging.Handler] = None
+
+
+def setup_logging(level: str = "info", role: str = "dedloc", peer_id: Optional[str] = None) -> None:
+    """Configure the root logger once per process; later calls update the tag and level."""
+    global _handler
+    from hivemind.utils import logging as hivemind_logging
+
+    tag = role if peer_id is None else f"{role} {short_id(peer_id)}"
+    root = logging.getLogger()
+    if _handler is None:
+        _handler = logging.StreamHandler(sys.stderr)
+        root.addHandler(_handler)
+    _handler.setFormatter(_Formatter(tag, colour=sys.stderr.isatty()))
+    numeric = getattr(logging, level.upper())
+    root.setLevel(numeric)
+    hivemind_logging.use_hivemind_log_handler("nowhere")  # hivemind records propagate to our handler
+    logging.getLogger("hivemind").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+    for noisy in ("datasets", "transformers", "filelock", "urllib3", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if numeric > logging.DEBUG else numeric)
+
+
+def short_id(peer_id: str) -> str:
+    """The last 6 characters of a base58 peer id: enough to tell peers apart in logs."""
+    return str(peer_id)[-6:]

@@ -1,0 +1,101 @@
+"""Starting a DHT node with dedloc's network defaults.
+
+Local swarms, tests and benchmarks must keep their traffic on loopback (or inside namespaces the tests
+create), so NAT traversal — UPnP/NAT-PMP port mapping and AutoNAT probing of the local network — is off
+unless asked for (``nat_traversal=True``, for volunteers on the real internet).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import hivemind
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+from dedloc.errors import SwarmUnreachableError, UserInputError
+from dedloc.swarm.identity import Identity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NetworkOptions:
+    """Where a node listens and what it tells others to dial."""
+
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
+    announce_maddrs: Sequence[str] = ()
+    nat_traversal: bool = False
+    """Let p2pd map ports (UPnP/NAT-PMP) and probe reachability (AutoNAT). Off for local runs."""
+    client_mode: bool = False
+    """Accept no incoming connections (for peers behind NAT); a client-mode node still trains."""
+    extra: dict = field(default_factory=dict)
+
+
+def start_dht(
+    identity: Identity,
+    network: NetworkOptions,
+    initial_peers: Sequence[str] = (),
+    validators: Iterable[RecordValidatorBase] = (),
+    startup_timeout: float = 30.0,
+) -> hivemind.DHT:
+    """Start a DHT node (in its own child process, with its own p2pd) and wait until it is ready.
+
+    The child processes ignore SIGINT: a Ctrl-C in the terminal reaches the whole process group, and
+    the node must be shut down by its parent, in order, not killed from under it.
+
+    Raises :class:`SwarmUnreachableError` when ``initial_peers`` cannot be reached and
+    :class:`UserInputError` when the listen address cannot be used.
+    """
+    kwargs = dict(
+        host_maddrs=list(network.host_maddrs),
+        announce_maddrs=list(network.announce_maddrs) or None,
+        identity_path=str(identity.path),
+        nat_port_map=network.nat_traversal,
+        auto_nat=network.nat_traversal,
+        client_mode=network.client_mode,
+        startup_timeout=startup_timeout,
+        check_if_identity_free=False,
+        **network.extra,
+    )
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the DHT process and its p2pd
+    try:
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers) or None, start=True, record_validators=list(validators), **kwargs
+        )
+        _make_command_pipe_blocking(dht)
+        return dht
+    except P2PDaemonError as e:
+        text = str(e)
+        if initial_peers and ("bootstrap" in text or "connect" in text):
+            raise SwarmUnreachableError(
+                f"cannot reach the swarm at {', '.join(initial_peers)}: {text.splitlines()[-1]}"
+            ) from None
+        if "address already in use" in text or "listen" in text:
+            raise UserInputError(f"cannot listen on {', '.join(network.host_maddrs)}: {text}") from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _make_command_pipe_blocking(dht: hivemind.DHT) -> None:
+    """Work around a hivemind 1.1.12 race that kills the DHT process on any command over ~4 kB.
+
+    ``DHT.run`` watches its end of the command pipe with uvloop's ``add_reader``, which switches the
+    pipe to non-blocking mode; a command the parent has not finished writing (pipe writes over 4 kB are
+    not atomic) then makes the child's ``recv`` fail with EAGAIN, and the DHT process dies with
+    "EOFError: Ran out of input" (reported by hivemind users, e.g. gensyn-ai/rl-swarm#77 and #216).
+    The parent shares that pipe's file description with the child, so switching it back to blocking
+    here makes ``recv`` wait for the whole message. Called after the DHT reported ready, i.e. after
+    ``add_reader`` ran in the child.
+    """
+    os.set_blocking(dht._inner_pipe.fileno(), True)
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """The full multiaddrs (with ``/p2p/<id>``) others can use to join through this node."""
+    return [str(m) for m in dht.get_visible_maddrs(latest=True)]

@@ -1,0 +1,126 @@
+"""Building hivemind's optimizer and state averager from the run config.
+
+Peers train with :func:`build_optimizer` (a ``hivemind.Optimizer``: local accumulation toward the
+swarm's target batch, then gradient all-reduce and a synchronous optimizer step). The coordinator
+uses :func:`build_state_reader` to download the shared state (parameters, optimizer statistics,
+global step) for checkpoints, without ever training or taking part in averaging.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import hivemind
+import torch
+from hivemind.compression import (
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    ScaledFloat16Compression,
+    Uniform8BitQuantization,
+)
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from dedloc.config import Compression, RunConfig
+from dedloc.task.optimization import optimizer_factory, scheduler_factory
+
+logger = logging.getLogger(__name__)
+
+
+def make_compression(name: Compression) -> CompressionBase:
+    return {
+        "none": NoCompression,
+        "fp16": Float16Compression,
+        "scaled_fp16": ScaledFloat16Compression,
+        "uint8": Uniform8BitQuantization,
+    }[name]()
+
+
+def state_averager_prefix(config: RunConfig) -> str:
+    """DHT prefix under which peers share state (must match what ``hivemind.Optimizer`` uses)."""
+    return f"{config.run_id}_state_averager"
+
+
+def build_optimizer(
+    dht: hivemind.DHT, config: RunConfig, model: torch.nn.Module, micro_batch_size: int, verbose: bool = False
+) -> hivemind.Optimizer:
+    """A ``hivemind.Optimizer`` for ``model``: every ``step()`` adds ``micro_batch_size`` samples.
+
+    Client mode comes from the DHT (hivemind's Optimizer ignores its own ``client_mode`` argument
+    when it is set, see ``client_mode if client_mode is None else dht.client_mode`` in hivemind 1.1.12).
+    """
+    averaging = config.averaging
+    # hivemind warns (and may deadlock in rare cases) when requests may outlive matchmaking
+    averager_opts = {"request_timeout": min(3.0, averaging.matchmaking_time / 2)}
+    if averaging.target_group_size is not None:
+        averager_opts["target_group_size"] = averaging.target_group_size
+    return hivemind.Optimizer(
+        dht=dht,
+        run_id=config.run_id,
+        target_batch_size=config.training.target_batch_size,
+        batch_size_per_step=micro_batch_size,
+        params=model.parameters(),
+        optimizer=optimizer_factory(config.optimizer),
+        scheduler=scheduler_factory(config.optimizer, config.training.total_steps),
+        matchmaking_time=averaging.matchmaking_time,
+        averaging_timeout=averaging.averaging_timeout,
+        load_state_timeout=averaging.load_state_timeout,
+        average_state_every=averaging.average_state_every,
+        grad_compression=make_compression(averaging.grad_compression),
+        state_averaging_compression=make_compression(averaging.state_compression),
+        averager_opts=averager_opts,
+        verbose=verbose,
+    )
+
+
+class StateReader:
+    """Downloads the swarm's current training state into a local model + optimizer.
+
+    It joins no averaging group and shares no state of its own (``allow_state_sharing=False``), so a
+    newcomer never mistakes the reader's copy for the swarm's.
+    """
+
+    def __init__(self, dht: hivemind.DHT, config: RunConfig, model: torch.nn.Module):
+        self.model = model
+        self.averager = TrainingStateAverager(
+            dht=dht,
+            prefix=state_averager_prefix(config),
+            optimizer=optimizer_factory(config.optimizer),
+            params=model.parameters(),
+            scheduler=scheduler_factory(config.optimizer, config.training.total_steps),
+            initialize_optimizer=True,
+            client_mode=True,
+            allow_state_sharing=False,
+            start=True,
+        )
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.averager.optimizer
+
+    @property
+    def step(self) -> int:
+        """Global step of the state held now."""
+        return self.averager.local_epoch
+
+    def download(self, timeout: float) -> Optional[int]:
+        """Fetch the newest state from the swarm's most advanced peer into the local model and optimizer.
+
+        Returns the global step of the state now held, or None when no peer served a state at least
+        as new as the one held already.
+        """
+        held = self.averager.local_epoch
+        # TrainingStateAverager reports nothing and skips states older than its own epoch: with the
+        # epoch set to -1 any served state is taken, and an epoch still at -1 afterwards means none was.
+        self.averager.local_epoch = -1
+        try:
+            self.averager.load_state_from_peers(timeout=timeout)
+        finally:
+            loaded = self.averager.local_epoch
+            if loaded < 0:
+                self.averager.local_epoch = held
+        return loaded if loaded >= 0 else None
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()

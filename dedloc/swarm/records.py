@@ -1,0 +1,319 @@
+"""What peers and the coordinator publish in the DHT: key names, record schemas, publish/fetch helpers.
+
+Every record here is *protected*: its subkey carries the owner's RSA public key, hivemind's
+``RSASignatureValidator`` signs it on store and every node verifies the signature on store and on read,
+so only the owner can write it. On top of that:
+
+- the **run manifest** (run config + tokenizer) and the **run status** are owned by the coordinator;
+  a reader accepts them only when the owner key hashes to the coordinator's peer id from the join address;
+- **peer metrics** (one record per peer under the run's key) follow :class:`PeerMetrics`, enforced by a
+  ``SchemaValidator`` on every node and parsed again by the reader, which drops what does not fit.
+
+Manifest and status carry ``protocol`` = :data:`dedloc.PROTOCOL_VERSION`; readers check it first, so a
+version mismatch is reported as such rather than as a malformed record. Nothing read here is unpickled:
+values are msgpack (hivemind's serializer) and the config travels as JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import hivemind
+import pydantic
+import pydantic.v1 as pydantic_v1
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPublicKey
+
+from dedloc import PROTOCOL_VERSION
+from dedloc.config import RunConfig, parse_run_config
+from dedloc.errors import IncompatibleSwarmError
+from dedloc.swarm.identity import peer_id_of_public_key
+from dedloc.task.tokenizer import tokenizer_sha256
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKENIZER_BYTES = 8 * 1024 * 1024
+MANIFEST_EXPIRATION = 3600.0
+METRICS_EXPIRATION = 120.0
+
+
+def coordinator_prefix(coordinator_id: PeerID) -> str:
+    return f"dedloc_{coordinator_id.to_base58()}"
+
+
+def manifest_key(coordinator_id: PeerID) -> str:
+    return f"{coordinator_prefix(coordinator_id)}_manifest"
+
+
+def status_key(coordinator_id: PeerID) -> str:
+    return f"{coordinator_prefix(coordinator_id)}_status"
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_metrics"
+
+
+def owner_subkey(public_key: RSAPublicKey) -> bytes:
+    """The subkey that makes a record writable only by ``public_key``'s owner."""
+    return RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", public_key.to_bytes())
+
+
+def owner_of_subkey(subkey: Any) -> Optional[PeerID]:
+    """Peer id of the key embedded in a protected subkey, or None if it holds none."""
+    if not isinstance(subkey, bytes):
+        return None
+    found = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey)
+    if len(found) != 1:
+        return None
+    try:
+        return peer_id_of_public_key(RSAPublicKey.from_bytes(found[0]))
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Run manifest: the run config and tokenizer, published by the coordinator
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """The run as the coordinator published it. ``config_sha256`` and ``tokenizer_sha256`` identify it."""
+
+    config: RunConfig
+    tokenizer_json: str
+    config_sha256: str
+    tokenizer_sha256: str
+    published_at: float
+
+    @classmethod
+    def create(cls, config: RunConfig, tokenizer_json: str) -> "RunManifest":
+        return cls(config, tokenizer_json, config.sha256(), tokenizer_sha256(tokenizer_json), time.time())
+
+    def to_record(self) -> dict:
+        return dict(
+            protocol=PROTOCOL_VERSION,
+            run_id=self.config.run_id,
+            config=json.dumps(self.config.to_json_dict(), sort_keys=True),
+            config_sha256=self.config_sha256,
+            tokenizer=zlib.compress(self.tokenizer_json.encode(), 9),
+            tokenizer_sha256=self.tokenizer_sha256,
+            published_at=self.published_at,
+        )
+
+
+class _ManifestRecord(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid")
+    protocol: int
+    run_id: str = pydantic.Field(max_length=64)
+    config: str = pydantic.Field(max_length=65536)
+    config_sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
+    tokenizer: bytes = pydantic.Field(max_length=MAX_TOKENIZER_BYTES)
+    tokenizer_sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
+    published_at: float
+
+
+def check_protocol(record: Any, what: str) -> None:
+    """Raise :class:`IncompatibleSwarmError` when a record speaks another protocol version."""
+    version = record.get("protocol") if isinstance(record, dict) else None
+    if version != PROTOCOL_VERSION:
+        raise IncompatibleSwarmError(
+            f"the swarm's {what} uses dedloc protocol version {version!r}; this dedloc speaks version "
+            f"{PROTOCOL_VERSION}: install the dedloc release the run's organiser names"
+        )
+
+
+def parse_manifest(record: Any) -> RunManifest:
+    """Validate a manifest record's content; raises :class:`IncompatibleSwarmError` on any mismatch."""
+    check_protocol(record, "run manifest")
+    try:
+        parsed = _ManifestRecord.model_validate(record)
+        tokenizer_json = zlib.decompress(parsed.tokenizer, bufsize=MAX_TOKENIZER_BYTES).decode()
+        if len(tokenizer_json) > MAX_TOKENIZER_BYTES:
+            raise ValueError("tokenizer too large")
+        config_data = json.loads(parsed.config)
+    except (pydantic.ValidationError, zlib.error, UnicodeDecodeError, ValueError) as e:
+        raise IncompatibleSwarmError(f"the coordinator's run manifest is malformed: {e}") from None
+    config = parse_run_config(config_data, origin="the coordinator's run config")
+    if config.sha256() != parsed.config_sha256:
+        raise IncompatibleSwarmError(
+            "the coordinator's run config does not match its published hash "
+            f"({config.sha256()[:12]} != {parsed.config_sha256[:12]}): refusing to train on it"
+        )
+    if tokenizer_sha256(tokenizer_json) != parsed.tokenizer_sha256:
+        raise IncompatibleSwarmError(
+            "the coordinator's tokenizer does not match its published hash "
+            f"({tokenizer_sha256(tokenizer_json)[:12]} != {parsed.tokenizer_sha256[:12]}): refusing to train with it"
+        )
+    return RunManifest(config, tokenizer_json, parsed.config_sha256, parsed.tokenizer_sha256, parsed.published_at)
+
+
+def publish_manifest(dht: hivemind.DHT, public_key: RSAPublicKey, coordinator_id: PeerID, manifest: RunManifest) -> bool:
+    return dht.store(
+        manifest_key(coordinator_id),
+        subkey=owner_subkey(public_key),
+        value=manifest.to_record(),
+        expiration_time=get_dht_time() + MANIFEST_EXPIRATION,
+    )
+
+
+def _owned_value(dht: hivemind.DHT, key: str, owner: PeerID) -> Optional[Any]:
+    """The value stored under ``key`` by ``owner`` (signature already verified by the DHT's validator)."""
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return None
+    for subkey, item in found.value.items():
+        if owner_of_subkey(subkey) == owner and item.value is not None:
+            return item.value
+    return None
+
+
+def fetch_manifest(dht: hivemind.DHT, coordinator_id: PeerID) -> Optional[RunManifest]:
+    """The coordinator's manifest if it can be found now (None otherwise); raises if it is unusable."""
+    value = _owned_value(dht, manifest_key(coordinator_id), coordinator_id)
+    return None if value is None else parse_manifest(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run status: the coordinator's word on where the run stands
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """``stop_at``: global step at which peers stop contributing (None: the run's total steps).
+    ``finished``: the coordinator has written the final checkpoint; peers may leave."""
+
+    run_id: str
+    config_sha256: str
+    stop_at: Optional[int]
+    finished: bool
+    final_step: Optional[int] = None
+    checkpoint_step: Optional[int] = None
+
+    def to_record(self) -> dict:
+        return dict(
+            protocol=PROTOCOL_VERSION,
+            run_id=self.run_id,
+            config_sha256=self.config_sha256,
+            stop_at=self.stop_at,
+            finished=self.finished,
+            final_step=self.final_step,
+            checkpoint_step=self.checkpoint_step,
+        )
+
+
+class _StatusRecord(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid")
+    protocol: int
+    run_id: str = pydantic.Field(max_length=64)
+    config_sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
+    stop_at: Optional[int] = pydantic.Field(None, ge=0)
+    finished: bool
+    final_step: Optional[int] = pydantic.Field(None, ge=0)
+    checkpoint_step: Optional[int] = pydantic.Field(None, ge=0)
+
+
+def publish_status(dht: hivemind.DHT, public_key: RSAPublicKey, coordinator_id: PeerID, status: RunStatus) -> bool:
+    return dht.store(
+        status_key(coordinator_id),
+        subkey=owner_subkey(public_key),
+        value=status.to_record(),
+        expiration_time=get_dht_time() + MANIFEST_EXPIRATION,
+    )
+
+
+def fetch_status(dht: hivemind.DHT, coordinator_id: PeerID) -> Optional[RunStatus]:
+    value = _owned_value(dht, status_key(coordinator_id), coordinator_id)
+    if value is None:
+        return None
+    check_protocol(value, "run status")
+    try:
+        parsed = _StatusRecord.model_validate(value)
+    except pydantic.ValidationError as e:
+        logger.warning(f"ignoring a malformed run status record: {e}")
+        return None
+    return RunStatus(**parsed.model_dump(exclude={"protocol"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer metrics: one record per peer, refreshed after every global step
+
+
+class PeerMetrics(pydantic_v1.BaseModel):
+    """What a peer reports about itself. Optional fields may be absent (older or minimal peers).
+
+    ``step`` is the global step the peer has reached; ``loss`` is its mean training loss over the
+    micro-batches it computed toward that step (None before its first step); ``samples`` is what it
+    has contributed in total since it started.
+    """
+
+    peer_id: pydantic_v1.constr(strict=True, max_length=64)
+    step: pydantic_v1.conint(strict=True, ge=0)
+    loss: Optional[pydantic_v1.confloat(strict=True, ge=0.0, le=1e4)] = None
+    mini_steps: pydantic_v1.conint(strict=True, ge=0) = 0
+    samples_per_second: pydantic_v1.confloat(strict=True, ge=0.0, le=1e9)
+    samples: pydantic_v1.conint(strict=True, ge=0)
+    time: pydantic_v1.StrictFloat
+    volunteer: Optional[pydantic_v1.constr(strict=True, max_length=64)] = None
+    device: Optional[pydantic_v1.constr(strict=True, max_length=64)] = None
+    client_mode: Optional[pydantic_v1.StrictBool] = None
+
+    @pydantic_v1.validator("loss", "samples_per_second", "time")
+    def _finite(cls, value):
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+
+class MetricsSchema(pydantic_v1.BaseModel):
+    metrics: Dict[BytesWithPublicKey, Optional[PeerMetrics]]
+
+
+def metrics_validator(run_id: str) -> SchemaValidator:
+    return SchemaValidator(MetricsSchema, prefix=run_id)
+
+
+def publish_metrics(dht: hivemind.DHT, run_id: str, public_key: RSAPublicKey, metrics: PeerMetrics) -> None:
+    """Store this peer's metrics without waiting for the DHT (a slow store never stalls training)."""
+    dht.store(
+        metrics_key(run_id),
+        subkey=owner_subkey(public_key),
+        value=metrics.dict(),
+        expiration_time=get_dht_time() + METRICS_EXPIRATION,
+        return_future=True,
+    )
+
+
+def fetch_metrics(dht: hivemind.DHT, run_id: str) -> tuple[dict[str, PeerMetrics], list[str]]:
+    """Live metrics by peer id, plus the ids (or subkeys) of records that were dropped as malformed.
+
+    A record counts only if its ``peer_id`` is the peer id of the key that signed it.
+    """
+    found = dht.get(metrics_key(run_id), latest=True)
+    metrics: dict[str, PeerMetrics] = {}
+    dropped: list[str] = []
+    if found is None or not isinstance(found.value, dict):
+        return metrics, dropped
+    for subkey, item in found.value.items():
+        if item.value is None:
+            continue  # a peer that said goodbye
+        owner = owner_of_subkey(subkey)
+        try:
+            record = PeerMetrics.parse_obj(item.value)
+        except (pydantic_v1.ValidationError, TypeError) as e:
+            dropped.append(owner.to_base58() if owner else repr(subkey)[:32])
+            logger.debug(f"dropping malformed metrics from {owner}: {e}")
+            continue
+        if owner is None or record.peer_id != owner.to_base58():
+            dropped.append(record.peer_id)
+            continue
+        metrics[record.peer_id] = record
+    return metrics, dropped

@@ -1,0 +1,39 @@
+"""The model: an ALBERT-style masked language model built from a transformers config, random init."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AlbertConfig, AlbertForMaskedLM, PreTrainedTokenizerFast
+
+from dedloc.config import ModelSection
+
+
+def albert_config(model: ModelSection, tokenizer: PreTrainedTokenizerFast) -> AlbertConfig:
+    """The transformers config for ``model`` with the tokenizer's vocabulary and special-token ids."""
+    return AlbertConfig(
+        vocab_size=len(tokenizer),
+        embedding_size=model.embedding_size,
+        hidden_size=model.hidden_size,
+        num_hidden_layers=model.num_hidden_layers,
+        num_attention_heads=model.num_attention_heads,
+        intermediate_size=model.intermediate_size,
+        max_position_embeddings=model.max_position_embeddings,
+        hidden_dropout_prob=model.dropout,
+        attention_probs_dropout_prob=model.dropout,
+        classifier_dropout_prob=model.dropout,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+    )
+
+
+def build_model(model: ModelSection, tokenizer: PreTrainedTokenizerFast, seed: int) -> AlbertForMaskedLM:
+    """A freshly initialised model. The same ``seed`` gives bit-identical weights on every peer
+    (initialisation runs on the CPU), so a swarm starts from one state even before anyone downloads it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AlbertForMaskedLM(albert_config(model, tokenizer))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,133 @@
+"""``dedloc peer``: join a swarm with only its address, train, leave cleanly.
+
+Order of things (and of shutdown, reversed): identity → DHT → verified run manifest → task (tokenizer,
+seeded model, this peer's data stream) → hivemind optimizer → wait for the swarm → sync state →
+train → (at the end) wait for the coordinator's final checkpoint → optional snapshot → goodbye.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from hivemind.dht.crypto import RSASignatureValidator
+
+from dedloc.checkpoint import write_checkpoint
+from dedloc.errors import UserInputError
+from dedloc.lifecycle import GracefulExit
+from dedloc.logs import setup_logging
+from dedloc.swarm.addresses import parse_join_addresses
+from dedloc.swarm.identity import Identity
+from dedloc.swarm.node import NetworkOptions, start_dht
+from dedloc.swarm.optimizer import build_optimizer
+from dedloc.swarm.records import metrics_validator
+from dedloc.task.build import build_peer_task
+from dedloc.task.data import peer_data_seed
+
+from .join import wait_for_manifest
+from .trainer import PeerTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerOptions:
+    join: Sequence[str]
+    identity: Optional[Path] = None
+    """Persistent identity file; without it the peer gets a fresh identity every start."""
+    workdir: Optional[Path] = None
+    """Where caches (tokenized data) go; the Hugging Face cache when unset."""
+    micro_batch_size: Optional[int] = None
+    data: Optional[str] = None
+    """Local override of the run's data source (same text, e.g. a local copy)."""
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
+    announce_maddrs: Sequence[str] = ()
+    client_mode: bool = False
+    nat_traversal: bool = False
+    join_timeout: float = 30.0
+    volunteer: Optional[str] = None
+    snapshot_dir: Optional[Path] = None
+    """Write this peer's final local state here (HF format) when it leaves."""
+    threads: Optional[int] = None
+    log_level: str = "info"
+    extra_env: dict = field(default_factory=dict)
+
+
+def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
+    """Run a peer until the run ends or a stop is requested; returns the exit code (0 or 130)."""
+    stop = stop or GracefulExit.install("peer")
+    join = parse_join_addresses(options.join)
+    if options.micro_batch_size is not None and options.micro_batch_size <= 0:
+        raise UserInputError(f"--micro-batch must be positive (got {options.micro_batch_size})")
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    identity = Identity.load_or_create(options.identity) if options.identity else Identity.create_ephemeral()
+    identity.bind_to_process()
+    setup_logging(options.log_level, "peer", identity.peer_id.to_base58())
+    network = NetworkOptions(
+        host_maddrs=options.host_maddrs,
+        announce_maddrs=options.announce_maddrs,
+        nat_traversal=options.nat_traversal,
+        client_mode=options.client_mode,
+    )
+    started = time.monotonic()
+    dht = start_dht(identity, network, initial_peers=join.as_strings, validators=[RSASignatureValidator()])
+    optimizer = None
+    try:
+        logger.info(f"joined the swarm as {identity.peer_id.to_base58()}; fetching the run from the coordinator")
+        manifest = wait_for_manifest(dht, join.coordinator_id, options.join_timeout, stop)
+        config = manifest.config
+        micro_batch = options.micro_batch_size or config.training.micro_batch_size
+        data = config.data if options.data is None else config.data.model_copy(update={"source": options.data})
+        logger.info(
+            f"run '{config.run_id}' (config {manifest.config_sha256[:12]}, tokenizer "
+            f"{manifest.tokenizer_sha256[:12]}): target batch {config.training.target_batch_size}, "
+            f"micro-batch {micro_batch}, total steps {config.training.total_steps}"
+        )
+        dht.add_validators([metrics_validator(config.run_id)])
+        cache_dir = options.workdir / "cache" if options.workdir else None
+        task = build_peer_task(
+            config,
+            manifest.tokenizer_json,
+            micro_batch,
+            data_seed=peer_data_seed(config.training.seed, identity.peer_id.to_bytes()),
+            data_override=data,
+            cache_dir=cache_dir,
+        )
+        if stop.is_set():
+            return 130
+        optimizer = build_optimizer(dht, config, task.model, micro_batch, verbose=options.log_level == "debug")
+        logger.info(f"ready to train after {time.monotonic() - started:.1f} s")
+        trainer = PeerTrainer(
+            dht, identity, config, manifest.config_sha256, join.coordinator_id, task, optimizer, micro_batch, stop,
+            volunteer=options.volunteer,
+        )
+        try:
+            trainer.run()
+        finally:
+            trainer.say_goodbye()
+            optimizer.shutdown()
+            if options.snapshot_dir is not None:
+                path = write_checkpoint(
+                    options.snapshot_dir,
+                    optimizer.local_epoch,
+                    task.model,
+                    task.tokenizer,
+                    optimizer.opt,
+                    trainer_state=dict(
+                        run_id=config.run_id,
+                        config_sha256=manifest.config_sha256,
+                        tokenizer_sha256=manifest.tokenizer_sha256,
+                        peer_id=identity.peer_id.to_base58(),
+                        samples_contributed=trainer.samples_contributed,
+                    ),
+                )
+                logger.info(f"wrote this peer's final state to {path}")
+        return 130 if stop.is_set() else 0
+    finally:
+        dht.shutdown()
+        identity.discard()

@@ -1,0 +1,231 @@
+"""A volunteer's training loop: accumulate toward the swarm's target batch, step together, report.
+
+Contract of :meth:`PeerTrainer.run`: it returns when the run has ended (the coordinator announced the
+final checkpoint, or the announcement did not come within ``end_grace`` after this peer reached the
+last step) or when a stop was requested; it never leaves the optimizer mid-step. The caller shuts
+the optimizer and the DHT down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import hivemind
+import torch
+from hivemind.p2p import PeerID
+
+from dedloc.config import RunConfig
+from dedloc.lifecycle import GracefulExit
+from dedloc.swarm.identity import Identity
+from dedloc.swarm.records import PeerMetrics, RunStatus, fetch_metrics, fetch_status, publish_metrics
+from dedloc.task.build import PeerTask
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_PERIOD = 30.0
+
+
+class RunStatusWatcher(threading.Thread):
+    """Polls the coordinator's run status in the background so training never waits on the DHT."""
+
+    def __init__(self, dht: hivemind.DHT, coordinator_id: PeerID, period: float = 2.0):
+        super().__init__(name="run-status-watcher", daemon=True)
+        self.dht, self.coordinator_id, self.period = dht, coordinator_id, period
+        self.status: Optional[RunStatus] = None
+        self.changed = threading.Event()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status = fetch_status(self.dht, self.coordinator_id)
+                if status is not None:
+                    self.status = status
+                    self.changed.set()
+            except Exception as e:  # an incompatible or unreachable record must not kill training
+                logger.debug(f"cannot read the run status: {e!r}")
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class StepStats:
+    """What this peer computed toward the current global step."""
+
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+
+    def mean_loss(self) -> Optional[float]:
+        finite = [x for x in self.losses if math.isfinite(x)]
+        return sum(finite) / len(finite) if finite else None
+
+
+class PeerTrainer:
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        identity: Identity,
+        config: RunConfig,
+        config_sha256: str,
+        coordinator_id: PeerID,
+        task: PeerTask,
+        optimizer: hivemind.Optimizer,
+        micro_batch_size: int,
+        stop: GracefulExit,
+        volunteer: Optional[str] = None,
+        end_grace: float = 120.0,
+    ):
+        self.dht, self.identity, self.config = dht, identity, config
+        self.config_sha256 = config_sha256
+        self.task, self.opt, self.micro_batch_size = task, optimizer, micro_batch_size
+        self.stop, self.volunteer, self.end_grace = stop, volunteer, end_grace
+        self.watcher = RunStatusWatcher(dht, coordinator_id)
+        self.peer_id = identity.peer_id.to_base58()
+        self.samples_contributed = 0
+        self.last_loss: Optional[float] = None
+        self._last_publish = 0.0
+
+    # ----------------------------------------------------------------------------------------------
+    def stop_at(self) -> int:
+        status = self.watcher.status
+        if status is not None and status.stop_at is not None:
+            return min(status.stop_at, self.config.training.total_steps)
+        return self.config.training.total_steps
+
+    def run_finished(self) -> bool:
+        status = self.watcher.status
+        return status is not None and status.finished
+
+    def publish(self, step_loss: Optional[float], mini_steps: int) -> None:
+        metrics = PeerMetrics(
+            peer_id=self.peer_id,
+            step=self.opt.local_epoch,
+            loss=step_loss,
+            mini_steps=mini_steps,
+            samples_per_second=float(self.opt.tracker.performance_ema.samples_per_second),
+            samples=self.samples_contributed,
+            time=time.time(),
+            volunteer=self.volunteer,
+            device="cpu",
+            client_mode=bool(self.dht.client_mode),
+        )
+        publish_metrics(self.dht, self.config.run_id, self.identity.public_key, metrics)
+        self._last_publish = time.monotonic()
+
+    def say_goodbye(self) -> None:
+        """Withdraw this peer's metrics so the coordinator stops counting it at once."""
+        from dedloc.swarm.records import metrics_key, owner_subkey
+        from hivemind.utils import get_dht_time
+
+        try:
+            self.dht.store(
+                metrics_key(self.config.run_id),
+                subkey=owner_subkey(self.identity.public_key),
+                value=None,
+                expiration_time=get_dht_time() + 60,
+            )
+        except Exception as e:
+            logger.debug(f"goodbye failed: {e!r}")
+
+    # ----------------------------------------------------------------------------------------------
+    def wait_for_peers(self) -> None:
+        """Wait (up to ``wait_for_peers_timeout``) until ``min_peers`` peers are online, this one included."""
+        wanted = self.config.training.min_peers
+        deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
+        announced = False
+        while not self.stop.is_set():
+            self.publish(None, 0)
+            online, _ = fetch_metrics(self.dht, self.config.run_id)
+            if len(online) >= wanted:
+                return
+            if not announced:
+                logger.info(f"waiting for the swarm: {len(online)} of {wanted} peers online")
+                announced = True
+            if time.monotonic() >= deadline:
+                logger.warning(f"only {len(online)} of {wanted} peers came online; training with them")
+                return
+            self.stop.wait(1.0)
+
+    def sync_with_swarm(self) -> None:
+        """Download the current state if the swarm is ahead of this peer (a late joiner)."""
+        self.opt.tracker.fetched_global_progress_this_epoch.wait(timeout=10)
+        global_step = self.opt.tracker.global_epoch
+        if global_step > self.opt.local_epoch:
+            started = time.monotonic()
+            logger.info(f"the swarm is at step {global_step}: downloading its state")
+            self.opt.load_state_from_peers()
+            logger.info(f"state downloaded in {time.monotonic() - started:.1f} s: now at step {self.opt.local_epoch}")
+
+    def log_step(self, stats: StepStats) -> None:
+        progress = self.opt.tracker.global_progress
+        loss = stats.mean_loss()
+        logger.info(
+            f"step={self.opt.local_epoch} loss={'n/a' if loss is None else f'{loss:.4f}'} "
+            f"samples/s={self.opt.tracker.performance_ema.samples_per_second:.1f} "
+            f"peers={max(progress.num_peers, 1)} contributed={self.samples_contributed}"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        model, opt = self.task.model, self.opt
+        model.train()
+        batches = iter(self.task.stream)
+        stats = StepStats()
+        epoch = opt.local_epoch
+        while not self.stop.is_set() and not self.run_finished() and opt.local_epoch < self.stop_at():
+            batch = next(batches)
+            loss = model(**batch).loss
+            loss.backward()
+            stats.losses.append(float(loss.detach()))
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            stats.samples += self.micro_batch_size
+            self.samples_contributed += self.micro_batch_size
+            if opt.local_epoch != epoch:
+                epoch = opt.local_epoch
+                self.last_loss = stats.mean_loss()
+                self.publish(self.last_loss, len(stats.losses))
+                self.log_step(stats)
+                stats = StepStats()
+            elif time.monotonic() - self._last_publish > HEARTBEAT_PERIOD:
+                self.publish(self.last_loss, 0)
+
+    def wait_for_end(self) -> None:
+        """After the last step: keep serving state until the coordinator has its final checkpoint."""
+        if self.stop.is_set() or self.run_finished():
+            return
+        logger.info(f"reached step {self.opt.local_epoch}, the end of the run: waiting for the coordinator's final checkpoint")
+        deadline = time.monotonic() + self.end_grace
+        while not self.stop.is_set() and not self.run_finished() and time.monotonic() < deadline:
+            if time.monotonic() - self._last_publish > HEARTBEAT_PERIOD:
+                self.publish(self.last_loss, 0)
+            self.watcher.changed.wait(1.0)
+            self.watcher.changed.clear()
+        if not self.run_finished() and not self.stop.is_set():
+            logger.warning(f"the coordinator did not announce the end within {self.end_grace:.0f} s; leaving")
+
+    def run(self) -> None:
+        self.watcher.start()
+        try:
+            self.wait_for_peers()
+            if not self.stop.is_set():
+                self.sync_with_swarm()
+            self.train()
+            self.wait_for_end()
+        finally:
+            self.watcher.stop()
+        status = self.watcher.status
+        if self.stop.is_set():
+            logger.info(f"stopped at step {self.opt.local_epoch} ({self.stop.reason}); contributed {self.samples_contributed} samples")
+        elif status is not None and status.finished:
+            logger.info(
+                f"the run is finished at step {status.final_step}; final checkpoint at step "
+                f"{status.checkpoint_step}. Contributed {self.samples_contributed} samples. Thank you!"
+            )
