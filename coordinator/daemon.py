@@ -25,7 +25,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import TrainingProgressSchema
 
-from dedloc.config import load_run_config
+from dedloc.config import default_run_config, load_run_config
 from dedloc.errors import UserInputError
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import setup_logging
@@ -46,7 +46,8 @@ PEERS_LEAVE_GRACE = 30.0
 
 @dataclass
 class CoordinatorOptions:
-    config: Path
+    config: Optional[Path]
+    """Run configuration file; None for the embedded default run."""
     workdir: Path
     host: str = "127.0.0.1"
     port: int = 0
@@ -54,6 +55,8 @@ class CoordinatorOptions:
     nat_traversal: bool = False
     max_steps: Optional[int] = None
     """End the run after this global step (default: the config's total_steps)."""
+    join_file: Optional[Path] = None
+    """Also write the join information here (e.g. a volume shared with peers in docker compose)."""
     log_level: str = "info"
 
 
@@ -74,14 +77,14 @@ def _lock_workdir(workdir: Path):
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def run_coordinator(options: CoordinatorOptions, stop: Optional[GracefulExit] = None) -> int:
     stop = stop or GracefulExit.install("coordinator")
-    config = load_run_config(options.config)
+    config = load_run_config(options.config) if options.config is not None else default_run_config()
     if options.max_steps is not None and options.max_steps <= 0:
         raise UserInputError(f"--max-steps must be positive (got {options.max_steps})")
     stop_at = min(options.max_steps or config.training.total_steps, config.training.total_steps)
@@ -109,17 +112,21 @@ def run_coordinator(options: CoordinatorOptions, stop: Optional[GracefulExit] = 
         publish_manifest(dht, identity.public_key, identity.peer_id, manifest)
         publish_status(dht, identity.public_key, identity.peer_id, status)
         join = visible_maddrs(dht)
-        _write_json_atomic(
-            workdir / "coordinator.json",
-            dict(
-                peer_id=identity.peer_id.to_base58(),
-                join=join,
-                run_id=config.run_id,
-                config_sha256=manifest.config_sha256,
-                tokenizer_sha256=manifest.tokenizer_sha256,
-                pid=os.getpid(),
-            ),
+        join_info = dict(
+            peer_id=identity.peer_id.to_base58(),
+            join=join,
+            run_id=config.run_id,
+            config_sha256=manifest.config_sha256,
+            tokenizer_sha256=manifest.tokenizer_sha256,
+            pid=os.getpid(),
         )
+        _write_json_atomic(workdir / "coordinator.json", join_info)
+        if options.join_file is not None:
+            try:
+                options.join_file.parent.mkdir(parents=True, exist_ok=True)
+                _write_json_atomic(options.join_file, join_info)
+            except OSError as e:
+                raise UserInputError(f"cannot write --join-file {options.join_file}: {e.strerror or e}") from None
         logger.info(
             f"run '{config.run_id}' is up (config {manifest.config_sha256[:12]}, tokenizer "
             f"{manifest.tokenizer_sha256[:12]}, ends at step {stop_at}); volunteers join with:"

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "coordinator", parents=[common], help="run the coordinator of a training run",
         description="Bootstrap a swarm, publish the run config, track progress and checkpoint the model.",
     )
-    coordinator.add_argument("--config", required=True, type=Path, help="run configuration (TOML)")
+    coordinator.add_argument("--config", type=Path, help="run configuration (TOML; default: the embedded default run)")
     coordinator.add_argument(
         "--workdir", type=Path, default=Path("dedloc-coordinator"),
         help="state directory: identity, tokenizer, checkpoints, history (default: ./dedloc-coordinator)",
@@ -73,14 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="let libp2p map ports (UPnP/NAT-PMP) and probe reachability; off by default",
     )
     coordinator.add_argument("--max-steps", type=_positive_int, help="end the run after this global step")
+    coordinator.add_argument(
+        "--join-file", type=Path, metavar="PATH",
+        help="also write the join addresses (JSON) to PATH, for scripts and docker compose",
+    )
 
     peer = sub.add_parser(
         "peer", parents=[common], help="join a training run as a volunteer",
         description="Join a swarm with the coordinator's address and train with it.",
     )
-    peer.add_argument(
-        "--join", nargs="+", action="extend", required=True, metavar="MULTIADDR",
+    where = peer.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--join", nargs="+", action="extend", metavar="MULTIADDR",
         help="the coordinator's address as it printed it (…/p2p/<peer id>); several allowed",
+    )
+    where.add_argument(
+        "--join-file", type=Path, metavar="PATH",
+        help="read the join addresses from a file written by `dedloc coordinator --join-file` (waits for it)",
     )
     peer.add_argument("--identity", type=Path, help="persistent identity file (created if missing)")
     peer.add_argument("--workdir", type=Path, help="directory for this peer's caches")
@@ -124,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
                 announce_maddrs=args.announce_maddrs,
                 nat_traversal=args.nat_traversal,
                 max_steps=args.max_steps,
+                join_file=args.join_file,
                 log_level=args.log_level,
             )
         )
@@ -132,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_peer(
             PeerOptions(
-                join=args.join,
+                join=args.join or [],
+                join_file=args.join_file,
                 identity=args.identity,
                 workdir=args.workdir,
                 micro_batch_size=args.micro_batch_size,

@@ -212,13 +212,17 @@ class RunConfig(_Section):
         """This config as a TOML file that :func:`load_run_config` reads back to an equal config."""
         return dump_toml(self.to_json_dict())
 
-    def with_overrides(self, **sections: dict[str, Any]) -> "RunConfig":
-        """Return a validated copy with some fields of some sections replaced, e.g. ``training={"seed": 1}``."""
+    def with_overrides(self, **sections: Any) -> "RunConfig":
+        """Return a validated copy with some fields replaced: ``training={"seed": 1}`` updates a section,
+        ``run_id="x"`` a top-level field."""
         data = self.to_json_dict()
-        for section, fields in sections.items():
-            if section not in data or not isinstance(data[section], dict):
-                raise KeyError(section)
-            data[section].update(fields)
+        for name, value in sections.items():
+            if name not in data:
+                raise KeyError(name)
+            if isinstance(data[name], dict):
+                data[name].update(value)
+            else:
+                data[name] = value
         return parse_run_config(data, origin="overrides")
 
 

@@ -28,7 +28,7 @@ from dedloc.swarm.records import metrics_validator
 from dedloc.task.build import build_peer_task
 from dedloc.task.data import peer_data_seed
 
-from .join import wait_for_manifest
+from .join import read_join_file, wait_for_manifest
 from .trainer import PeerTrainer
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PeerOptions:
     join: Sequence[str]
+    join_file: Optional[Path] = None
+    """Read the join addresses from this file (written by ``dedloc coordinator --join-file``)."""
     identity: Optional[Path] = None
     """Persistent identity file; without it the peer gets a fresh identity every start."""
     workdir: Optional[Path] = None
@@ -60,7 +62,7 @@ class PeerOptions:
 def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     """Run a peer until the run ends or a stop is requested; returns the exit code (0 or 130)."""
     stop = stop or GracefulExit.install("peer")
-    join = parse_join_addresses(options.join)
+    join = parse_join_addresses(read_join_file(options.join_file, options.join_timeout, stop) if options.join_file else options.join)
     if options.micro_batch_size is not None and options.micro_batch_size <= 0:
         raise UserInputError(f"--micro-batch must be positive (got {options.micro_batch_size})")
     if options.threads is not None:

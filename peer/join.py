@@ -6,13 +6,15 @@ coordinator signed with the key whose peer id is in that address.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import hivemind
 from hivemind.p2p import PeerID
 
-from dedloc.errors import SwarmUnreachableError
+from dedloc.errors import SwarmUnreachableError, UserInputError
 from dedloc.lifecycle import GracefulExit
 from dedloc.swarm.records import RunManifest, fetch_manifest
 
@@ -40,3 +42,23 @@ def wait_for_manifest(
                 f"appeared within {timeout:.0f} s: is the address that of a running dedloc coordinator?"
             )
         stop.wait(poll)
+
+
+def read_join_file(path: Path, timeout: float, stop: GracefulExit, poll: float = 0.5) -> list[str]:
+    """Join addresses from a file the coordinator writes (``--join-file``), waiting for it to appear."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() >= deadline:
+            raise SwarmUnreachableError(f"the coordinator's join file {path} did not appear within {timeout:.0f} s")
+        if stop.wait(poll):
+            raise KeyboardInterrupt
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        join = data["join"]
+        if not isinstance(join, list) or not all(isinstance(item, str) for item in join):
+            raise TypeError
+        return join
+    except OSError as e:
+        raise UserInputError(f"cannot read join file {path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserInputError(f"{path} is not a join file written by `dedloc coordinator --join-file`") from None

@@ -9,6 +9,7 @@ global step) for checkpoints, without ever training or taking part in averaging.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Optional
 
 import hivemind
@@ -20,6 +21,7 @@ from hivemind.compression import (
     ScaledFloat16Compression,
     Uniform8BitQuantization,
 )
+from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from dedloc.config import Compression, RunConfig
@@ -70,6 +72,7 @@ def build_optimizer(
         grad_compression=make_compression(averaging.grad_compression),
         state_averaging_compression=make_compression(averaging.state_compression),
         averager_opts=averager_opts,
+        grad_averager_factory=partial(GradientAverager, **averager_opts),
         verbose=verbose,
     )
 

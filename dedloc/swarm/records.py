@@ -281,9 +281,9 @@ def metrics_validator(run_id: str) -> SchemaValidator:
     return SchemaValidator(MetricsSchema, prefix=run_id)
 
 
-def publish_metrics(dht: hivemind.DHT, run_id: str, public_key: RSAPublicKey, metrics: PeerMetrics) -> None:
-    """Store this peer's metrics without waiting for the DHT (a slow store never stalls training)."""
-    dht.store(
+def publish_metrics(dht: hivemind.DHT, run_id: str, public_key: RSAPublicKey, metrics: PeerMetrics):
+    """Store this peer's metrics without waiting (a slow store never stalls training); returns the future."""
+    return dht.store(
         metrics_key(run_id),
         subkey=owner_subkey(public_key),
         value=metrics.dict(),
@@ -313,7 +313,7 @@ def fetch_metrics(dht: hivemind.DHT, run_id: str) -> tuple[dict[str, PeerMetrics
             logger.debug(f"dropping malformed metrics from {owner}: {e}")
             continue
         if owner is None or record.peer_id != owner.to_base58():
-            dropped.append(record.peer_id)
+            dropped.append(owner.to_base58() if owner else record.peer_id)  # who published it
             continue
         metrics[record.peer_id] = record
     return metrics, dropped

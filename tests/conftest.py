@@ -1,0 +1,62 @@
+"""Shared fixtures: every test that starts processes goes through ``procs`` so they are reaped."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from dedloc.lifecycle import ChildProcess
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def child_env(threads: int = 1) -> dict:
+    return dict(
+        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"
+    )
+
+
+class Processes:
+    """Starts ``dedloc`` subcommands as real processes, each in its own process group."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.children: list[ChildProcess] = []
+
+    def dedloc(self, name: str, *args: str, threads: int = 1) -> ChildProcess:
+        child = ChildProcess(
+            name, [sys.executable, "-m", "dedloc", *args], self.logdir / f"{name}.log", env=child_env(threads)
+        )
+        self.children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            child.stop(grace=10)
+
+
+@pytest.fixture
+def procs(tmp_path, request):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    processes = Processes(logdir)
+    yield processes
+    processes.stop_all()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for child in processes.children:
+            print(f"----- {child.name} (exit {child.poll()}) -----\n{child.log_tail(40)}")
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

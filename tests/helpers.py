@@ -1,0 +1,54 @@
+"""Helpers for tests that run a real swarm: small run configs and waiting on files a daemon writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from dedloc.config import default_run_config
+from dedloc.lifecycle import ChildProcess
+
+
+def small_run_config(path: Path, **overrides) -> Path:
+    """The embedded default shrunk for tests: a few small global steps, checkpoints every 2 steps."""
+    sections = dict(
+        training={"target_batch_size": 64, "micro_batch_size": 16, "total_steps": 6, "min_peers": 2,
+                  "wait_for_peers_timeout": 60.0},
+        optimizer={"lr": 3e-3, "warmup_steps": 1},
+        checkpoint={"every_steps": 2, "keep_last": 2},
+    )
+    for section, fields in overrides.items():
+        sections.setdefault(section, {}).update(fields)
+    config = default_run_config(**sections)
+    path.write_text(config.to_toml(), encoding="utf-8")
+    return path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, watch: Optional[list[ChildProcess]] = None):
+    """Poll ``predicate`` until it returns something truthy; fail early if a watched process died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for child in watch or []:
+            if child.poll() not in (None, 0):
+                raise AssertionError(f"{child.name} exited with {child.poll()} while waiting for {what}:\n{child.log_tail(30)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def join_addresses(coordinator_dir: Path, coordinator: ChildProcess, timeout: float = 120) -> list[str]:
+    info = coordinator_dir / "coordinator.json"
+    wait_for(info.is_file, timeout, "the coordinator's join address", watch=[coordinator])
+    return json.loads(info.read_text())["join"]
+
+
+def read_history(coordinator_dir: Path) -> list[dict]:
+    path = coordinator_dir / "history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,86 @@
+"""End to end: a coordinator and two peers as real processes on loopback train the real model together."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from dedloc.checkpoint import LATEST, load_checkpoint
+from helpers import join_addresses, read_history, small_run_config, wait_for
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
+
+
+def _final_state(peer_dir):
+    [snapshot] = sorted((peer_dir / "final").glob("step-*"))
+    info = load_checkpoint(snapshot)
+    return info.step, load_file(str(snapshot / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "compression, tolerance",
+    [
+        # hivemind applies averages as deltas (x + (avg - x)), so even without compression two peers
+        # agree up to float32 rounding, not bit for bit.
+        ("none", dict(rtol=1e-5, atol=1e-6)),
+        ("fp16", dict(rtol=1e-3, atol=1e-4)),
+    ],
+)
+def test_two_peers_train_together(tmp_path, procs, compression, tolerance):
+    config = small_run_config(tmp_path / "run.toml", averaging={"grad_compression": compression})
+    coordinator_dir = tmp_path / "coordinator"
+    coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(coordinator_dir))
+    join = join_addresses(coordinator_dir, coordinator)
+    peers = []
+    for index in (1, 2):
+        peer_dir = tmp_path / f"peer-{index}"
+        peers.append(
+            procs.dedloc(
+                f"peer-{index}", "--join", *join, "--workdir", str(peer_dir), "--snapshot-dir", str(peer_dir / "final")
+            )
+        )
+
+    # the run ends by itself at total_steps: every process exits 0
+    for child in [coordinator, *peers]:
+        wait_for(lambda: child.poll() is not None, 300, f"{child.name} to finish", watch=[coordinator, *peers])
+        assert child.poll() == 0, f"{child.name} exited with {child.poll()}:\n{child.log_tail(30)}"
+    for child in [coordinator, *peers]:
+        assert "Traceback" not in child.log_path.read_text(), f"{child.name} logged a traceback"
+
+    # both peers reached the same global step, and their parameters agree
+    (step_1, params_1), (step_2, params_2) = (_final_state(tmp_path / "peer-1"), _final_state(tmp_path / "peer-2"))
+    assert step_1 == step_2 == 6
+    assert params_1.keys() == params_2.keys()
+    for name in params_1:
+        torch.testing.assert_close(params_1[name], params_2[name], **tolerance, msg=lambda m: f"{name}: {m}")
+
+    # the swarm learned: the coordinator saw every step, and the loss fell
+    history = read_history(coordinator_dir)
+    assert [record["step"] for record in history] == list(range(1, 7))
+    losses = [record["loss"] for record in history]
+    assert all(loss is not None for loss in losses)
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert max(record["peers"] for record in history) == 2
+
+    # the coordinator's checkpoint: verified, loadable with from_pretrained, the right step, the swarm's weights
+    root = coordinator_dir / "checkpoints"
+    latest = root / (root / LATEST).read_text().strip()
+    info = load_checkpoint(latest)
+    assert info.step == 6 and latest.name == "step-000006"
+    assert info.trainer_state["optimizer"]["param_groups"], "optimizer state missing"
+    model = AutoModelForMaskedLM.from_pretrained(latest)
+    tokenizer = AutoTokenizer.from_pretrained(latest)
+    assert tokenizer.mask_token == "[MASK]" and model.config.vocab_size == len(tokenizer)
+    checkpoint_params = load_file(str(latest / "model.safetensors"))
+    for name in checkpoint_params:
+        torch.testing.assert_close(checkpoint_params[name], params_1[name], **tolerance)
+    coordinator_info = json.loads((coordinator_dir / "coordinator.json").read_text())
+    assert info.trainer_state["config_sha256"] == coordinator_info["config_sha256"]
+
+    # nothing is left running: no DHT helper, no p2pd
+    for child in [coordinator, *peers]:
+        assert not child.group_alive(), f"{child.name} left processes behind"
