@@ -27,6 +27,36 @@ class _Formatter(logging.Formatter):
         return text
 
 
+class _KnownHivemindNoise(logging.Filter):
+    """Hides (unless at debug level) tracebacks hivemind 1.1.12 logs for races it survives:
+
+    - the DHT process unpickling a command whose sender — a forked averager process that is shutting
+      down — is already gone (``multiprocessing.resource_sharer`` fails with ConnectionResetError /
+      FileNotFoundError / EOFError); the command was a goodbye that no longer matters;
+    - ``DecentralizedAverager._step`` setting the result of an averaging round the optimizer had
+      already cancelled ("Task exception was never retrieved ... InvalidStateError ... CANCELLED").
+    Everything else hivemind logs is shown as it is.
+    """
+
+    def __init__(self, show: bool):
+        super().__init__()
+        self.show = show
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.show or not isinstance(record.exc_info, tuple) or record.exc_info[1] is None:
+            return True
+        error, trace = record.exc_info[1], record.exc_info[2]
+        frames = []
+        while trace is not None:
+            frames.append(trace.tb_frame.f_code.co_filename)
+            trace = trace.tb_next
+        if record.name.startswith("hivemind.dht") and any(f.endswith("resource_sharer.py") for f in frames):
+            return False
+        if record.name == "asyncio" and type(error).__name__ == "InvalidStateError" and "CANCELLED" in str(error):
+            return False
+        return True
+
+
 _handler: Optional[logging.Handler] = None
 
 
@@ -42,6 +72,9 @@ def setup_logging(level: str = "info", role: str = "dedloc", peer_id: Optional[s
         root.addHandler(_handler)
     _handler.setFormatter(_Formatter(tag, colour=sys.stderr.isatty()))
     numeric = getattr(logging, level.upper())
+    for old in list(_handler.filters):
+        _handler.removeFilter(old)
+    _handler.addFilter(_KnownHivemindNoise(show=numeric <= logging.DEBUG))
     root.setLevel(numeric)
     hivemind_logging.use_hivemind_log_handler("nowhere")  # hivemind records propagate to our handler
     logging.getLogger("hivemind").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)

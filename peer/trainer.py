@@ -163,6 +163,21 @@ class PeerTrainer:
             self.opt.load_state_from_peers()
             logger.info(f"state downloaded in {time.monotonic() - started:.1f} s: now at step {self.opt.local_epoch}")
 
+    def wait_for_first_round(self, deadline: float) -> None:
+        """Hold the first global step until hivemind's progress tracker sees ``min_peers`` peers.
+
+        hivemind averages only with peers its tracker has seen, and a peer publishes its progress only
+        after its first micro-batch; without this wait, peers that start together each take the first
+        step alone (hivemind: "there are no other peers") and start from different parameters.
+        """
+        wanted = self.config.training.min_peers
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if self.opt.tracker.global_progress.num_peers >= wanted or self.opt.local_epoch > 0:
+                return
+            self.stop.wait(0.2)
+        if not self.stop.is_set() and self.opt.tracker.global_progress.num_peers < wanted:
+            logger.warning(f"hivemind sees {self.opt.tracker.global_progress.num_peers} of {wanted} peers; starting anyway")
+
     def log_step(self, stats: StepStats) -> None:
         progress = self.opt.tracker.global_progress
         loss = stats.mean_loss()
@@ -179,11 +194,16 @@ class PeerTrainer:
         batches = iter(self.task.stream)
         stats = StepStats()
         epoch = opt.local_epoch
+        first_round_deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
+        waited_for_first_round = False
         while not self.stop.is_set() and not self.run_finished() and opt.local_epoch < self.stop_at():
             batch = next(batches)
             loss = model(**batch).loss
             loss.backward()
             stats.losses.append(float(loss.detach()))
+            if not waited_for_first_round and stats.losses[1:]:  # my progress is published by now
+                self.wait_for_first_round(first_round_deadline)
+                waited_for_first_round = True
             opt.step()
             opt.zero_grad(set_to_none=False)
             stats.samples += self.micro_batch_size

@@ -30,7 +30,9 @@ class Processes:
         self.logdir = logdir
         self.children: list[ChildProcess] = []
 
-    def dedloc(self, name: str, *args: str, threads: int = 1) -> ChildProcess:
+    def dedloc(self, *args: str, name: str | None = None, threads: int = 1) -> ChildProcess:
+        """Start ``dedloc ARGS…``; ``name`` (default: the subcommand) names its log file."""
+        name = name or args[0]
         child = ChildProcess(
             name, [sys.executable, "-m", "dedloc", *args], self.logdir / f"{name}.log", env=child_env(threads)
         )

@@ -15,7 +15,7 @@ def _start(tmp_path, procs, peers: int):
     config = small_run_config(tmp_path / "run.toml", training={"total_steps": 1000, "min_peers": peers})
     coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(tmp_path / "coordinator"))
     join = join_addresses(tmp_path / "coordinator", coordinator)
-    started = [procs.dedloc(f"peer-{i}", "--join", *join) for i in range(1, peers + 1)]
+    started = [procs.dedloc("peer", "--join", *join, name=f"peer-{i}") for i in range(1, peers + 1)]
     for peer in started:  # synchronise on the swarm's first global step, not on time
         wait_for(lambda: "step=1 " in peer.log_path.read_text(), 150, f"{peer.name}'s first step",
                  watch=[coordinator, *started])

@@ -40,7 +40,8 @@ def test_two_peers_train_together(tmp_path, procs, compression, tolerance):
         peer_dir = tmp_path / f"peer-{index}"
         peers.append(
             procs.dedloc(
-                f"peer-{index}", "--join", *join, "--workdir", str(peer_dir), "--snapshot-dir", str(peer_dir / "final")
+                "peer", "--join", *join, "--workdir", str(peer_dir), "--snapshot-dir", str(peer_dir / "final"),
+                name=f"peer-{index}",
             )
         )
 

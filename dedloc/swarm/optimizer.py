@@ -8,7 +8,9 @@ global step) for checkpoints, without ever training or taking part in averaging.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 from functools import partial
 from typing import Optional
 
@@ -28,6 +30,18 @@ from dedloc.config import Compression, RunConfig
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _keeping_sigint_handler():
+    """hivemind 1.1.12's ``DecentralizedAverager.run_in_background`` sets SIGINT to SIG_IGN in the
+    *calling* process (to keep it from the averager child) and never restores it, which would make a
+    daemon deaf to Ctrl-C. The averager child keeps ignoring SIGINT; the caller gets its handler back."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def make_compression(name: Compression) -> CompressionBase:
@@ -57,24 +71,25 @@ def build_optimizer(
     averager_opts = {"request_timeout": min(3.0, averaging.matchmaking_time / 2)}
     if averaging.target_group_size is not None:
         averager_opts["target_group_size"] = averaging.target_group_size
-    return hivemind.Optimizer(
-        dht=dht,
-        run_id=config.run_id,
-        target_batch_size=config.training.target_batch_size,
-        batch_size_per_step=micro_batch_size,
-        params=model.parameters(),
-        optimizer=optimizer_factory(config.optimizer),
-        scheduler=scheduler_factory(config.optimizer, config.training.total_steps),
-        matchmaking_time=averaging.matchmaking_time,
-        averaging_timeout=averaging.averaging_timeout,
-        load_state_timeout=averaging.load_state_timeout,
-        average_state_every=averaging.average_state_every,
-        grad_compression=make_compression(averaging.grad_compression),
-        state_averaging_compression=make_compression(averaging.state_compression),
-        averager_opts=averager_opts,
-        grad_averager_factory=partial(GradientAverager, **averager_opts),
-        verbose=verbose,
-    )
+    with _keeping_sigint_handler():
+        return hivemind.Optimizer(
+            dht=dht,
+            run_id=config.run_id,
+            target_batch_size=config.training.target_batch_size,
+            batch_size_per_step=micro_batch_size,
+            params=model.parameters(),
+            optimizer=optimizer_factory(config.optimizer),
+            scheduler=scheduler_factory(config.optimizer, config.training.total_steps),
+            matchmaking_time=averaging.matchmaking_time,
+            averaging_timeout=averaging.averaging_timeout,
+            load_state_timeout=averaging.load_state_timeout,
+            average_state_every=averaging.average_state_every,
+            grad_compression=make_compression(averaging.grad_compression),
+            state_averaging_compression=make_compression(averaging.state_compression),
+            averager_opts=averager_opts,
+            grad_averager_factory=partial(GradientAverager, **averager_opts),
+            verbose=verbose,
+        )
 
 
 class StateReader:
@@ -86,17 +101,18 @@ class StateReader:
 
     def __init__(self, dht: hivemind.DHT, config: RunConfig, model: torch.nn.Module):
         self.model = model
-        self.averager = TrainingStateAverager(
-            dht=dht,
-            prefix=state_averager_prefix(config),
-            optimizer=optimizer_factory(config.optimizer),
-            params=model.parameters(),
-            scheduler=scheduler_factory(config.optimizer, config.training.total_steps),
-            initialize_optimizer=True,
-            client_mode=True,
-            allow_state_sharing=False,
-            start=True,
-        )
+        with _keeping_sigint_handler():
+            self.averager = TrainingStateAverager(
+                dht=dht,
+                prefix=state_averager_prefix(config),
+                optimizer=optimizer_factory(config.optimizer),
+                params=model.parameters(),
+                scheduler=scheduler_factory(config.optimizer, config.training.total_steps),
+                initialize_optimizer=True,
+                client_mode=True,
+                allow_state_sharing=False,
+                start=True,
+            )
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
