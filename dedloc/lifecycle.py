@@ -40,8 +40,9 @@ class GracefulExit:
     """Turns SIGINT/SIGTERM into a stop request: ``requested`` is set on the first signal.
 
     The second signal kills this process's whole tree and exits with code 130 at once. Forked
-    children (hivemind's averagers) inherit the handler; there it does nothing, so the parent stays in
-    charge of shutting them down.
+    children (hivemind's DHT and averagers) inherit the handler: there SIGINT does nothing (a Ctrl-C
+    reaches the whole process group, and the parent shuts its children down in order), while SIGTERM
+    keeps its default meaning, so ``Process.terminate()`` still ends a child that hangs.
     """
 
     def __init__(self, name: str):
@@ -59,6 +60,9 @@ class GracefulExit:
 
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._main_pid:
+            if signum == signal.SIGTERM:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
             return
         if self.requested.is_set():
             if signum == signal.SIGINT:
