@@ -48,12 +48,14 @@ class Checkpointer:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, wanted_step: int) -> bool:
+    def start(self, wanted_step: int, stop: Optional[threading.Event] = None) -> bool:
         """Begin a checkpoint of a state at least as new as ``wanted_step`` in the background;
         False if one is already running."""
         if self.busy:
             return False
-        self._thread = threading.Thread(target=self.save, args=(wanted_step,), name="checkpointer", daemon=True)
+        self._thread = threading.Thread(
+            target=self.save, args=(wanted_step,), kwargs=dict(stop=stop), name="checkpointer", daemon=True
+        )
         self._thread.start()
         return True
 
@@ -70,7 +72,11 @@ class Checkpointer:
             step = None
             for attempt in range(attempts):
                 started = time.monotonic()
-                step = self.reader.download(timeout=self.config.averaging.load_state_timeout)
+                try:
+                    step = self.reader.download(timeout=self.config.averaging.load_state_timeout)
+                except Exception as e:  # hivemind raises TimeoutError and connection errors here
+                    logger.warning(f"downloading the swarm's state failed: {e!r}")
+                    step = None
                 if step is not None and step >= wanted_step:
                     logger.info(f"downloaded the swarm's state at step {step} in {time.monotonic() - started:.1f} s")
                     break
@@ -95,9 +101,9 @@ class Checkpointer:
                     ),
                     keep_last=self.config.checkpoint.keep_last,
                 )
-            except OSError as e:
+            except Exception as e:
                 logger.error(
-                    f"cannot write a checkpoint to {self.root}: {e.strerror or e}; the previous checkpoint is "
+                    f"cannot write a checkpoint to {self.root}: {getattr(e, 'strerror', None) or e}; the previous checkpoint is "
                     "kept and tracking goes on"
                 )
                 return None
@@ -105,6 +111,8 @@ class Checkpointer:
             logger.info(f"checkpoint step={step} written to {path}")
             return self.latest
 
-    def shutdown(self) -> None:
-        self.wait(timeout=5)
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the reader; a checkpoint still being written is given ``timeout`` seconds to finish
+        (an interrupted one leaves only a temporary directory, never a partial checkpoint)."""
+        self.wait(timeout=timeout)
         self.reader.shutdown()

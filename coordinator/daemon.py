@@ -64,13 +64,15 @@ def _lock_workdir(workdir: Path):
     """Hold an exclusive lock on the state directory for the life of the process."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        handle = open(workdir / "coordinator.lock", "w")
+        handle = open(workdir / "coordinator.lock", "a+")
     except OSError as e:
         raise UserInputError(f"cannot use state directory {workdir}: {e.strerror or e}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UserInputError(f"another coordinator is running with state directory {workdir}") from None
+    handle.seek(0)
+    handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
@@ -105,7 +107,7 @@ def run_coordinator(options: CoordinatorOptions, stop: Optional[GracefulExit] = 
     network = NetworkOptions(
         host_maddrs=[host_maddr], announce_maddrs=options.announce_maddrs, nat_traversal=options.nat_traversal
     )
-    dht = start_dht(identity, network, validators=validators)
+    dht = start_dht(identity, network, validators=validators, stop=stop.requested)
     checkpointer = None
     try:
         status = RunStatus(config.run_id, manifest.config_sha256, stop_at=stop_at, finished=False)
@@ -134,20 +136,17 @@ def run_coordinator(options: CoordinatorOptions, stop: Optional[GracefulExit] = 
         print(f"dedloc peer --join {' '.join(join)}", flush=True)
 
         checkpointer = Checkpointer(dht, manifest, workdir / "checkpoints")
-        tracker = SwarmTracker(dht, config.run_id)
+        tracker = SwarmTracker(dht, config.run_id, last_step=stop_at)
         every = config.checkpoint.every_steps
         next_checkpoint = every
         last_publish = time.monotonic()
         with open(workdir / "history.jsonl", "a", encoding="utf-8") as history:
             while not stop.is_set():
-                for record in tracker.poll():
-                    logger.info(record.log_line())
-                    history.write(json.dumps(record.to_json()) + "\n")
-                    history.flush()
+                _record_steps(tracker, history)
                 if tracker.global_step >= stop_at:
                     break
                 if tracker.global_step >= next_checkpoint:
-                    if checkpointer.start(tracker.global_step):
+                    if checkpointer.start(tracker.global_step, stop=stop.requested):
                         next_checkpoint = (tracker.global_step // every + 1) * every
                 if time.monotonic() - last_publish > REPUBLISH_PERIOD:
                     publish_manifest(dht, identity.public_key, identity.peer_id, manifest)
@@ -160,9 +159,22 @@ def run_coordinator(options: CoordinatorOptions, stop: Optional[GracefulExit] = 
             return _finish_run(dht, identity, checkpointer, tracker, history, status, stop_at, stop)
     finally:
         if checkpointer is not None:
-            checkpointer.shutdown()
+            checkpointer.shutdown(timeout=0 if stop.is_set() else 10)
         dht.shutdown()
         lock.close()
+
+
+def _record_steps(tracker: SwarmTracker, history) -> None:
+    """Log every newly finished global step and append it to ``history.jsonl``."""
+    for record in tracker.poll():
+        logger.info(record.log_line())
+        history.write(json.dumps(record.to_json()) + "\n")
+        history.flush()
+
+
+def _checkpoint_budget(checkpointer: Checkpointer) -> float:
+    """How long a running checkpoint may take: its downloads, plus time to write."""
+    return 3 * (checkpointer.config.averaging.load_state_timeout + 2.0) + 60.0
 
 
 def _finish_run(
@@ -172,12 +184,11 @@ def _finish_run(
     logger.info(f"the run reached step {tracker.global_step}: writing the final checkpoint")
     deadline = time.monotonic() + 30.0
     while tracker.logged_until < stop_at and time.monotonic() < deadline and not stop.is_set():
-        for record in tracker.poll():  # the last steps, as the remaining peers report them
-            logger.info(record.log_line())
-            history.write(json.dumps(record.to_json()) + "\n")
-            history.flush()
+        _record_steps(tracker, history)  # the last steps, as the remaining peers report them
         stop.wait(0.5)
-    checkpointer.wait()
+    budget = time.monotonic() + _checkpoint_budget(checkpointer)
+    while checkpointer.busy and time.monotonic() < budget and not stop.is_set():
+        checkpointer.wait(timeout=1.0)  # a periodic checkpoint still running
     saved = checkpointer.save(stop_at, attempts=5, stop=stop.requested)
     if saved is None and checkpointer.latest is None:
         logger.error("the run ended without a checkpoint: no peer served its state")

@@ -46,8 +46,9 @@ class StepRecord:
 
 
 class SwarmTracker:
-    def __init__(self, dht: hivemind.DHT, run_id: str, start_step: int = 0):
-        self.dht, self.run_id = dht, run_id
+    def __init__(self, dht: hivemind.DHT, run_id: str, last_step: int, start_step: int = 0):
+        """``last_step``: the run's final global step; a record claiming more is ignored."""
+        self.dht, self.run_id, self.last_step = dht, run_id, last_step
         self.logged_until = start_step
         self.global_step = start_step
         self.alive: dict[str, PeerMetrics] = {}
@@ -67,7 +68,13 @@ class SwarmTracker:
                 self._warned.add(peer)
                 logger.warning(f"dropping malformed metrics published by peer {peer}")
         now = time.time()
-        self.alive = {pid: m for pid, m in metrics.items() if now - m.time < ALIVE_WINDOW}
+        for pid, m in metrics.items():
+            if m.step > self.last_step and pid not in self._warned:
+                self._warned.add(pid)
+                logger.warning(f"ignoring peer {pid}: it claims step {m.step}, beyond the run's last step {self.last_step}")
+        self.alive = {
+            pid: m for pid, m in metrics.items() if now - m.time < ALIVE_WINDOW and m.step <= self.last_step
+        }
         for pid, m in self.alive.items():
             self.peer_samples[pid] = max(self.peer_samples.get(pid, 0), m.samples)
             if m.loss is not None and m.mini_steps > 0 and m.step > self.logged_until:

@@ -166,10 +166,14 @@ def write_checkpoint(
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
         final = root / name
-        if final.exists():  # a re-save of the same step: move the old one aside first
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # a re-save of the same step: move the old one aside (a TMP name, so a
+            old = root / f"{TMP_PREFIX}old-{name}-{uuid.uuid4().hex[:8]}"  # crash leaves it ignored)
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -187,26 +191,45 @@ def _point_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", TRAINER_STATE)
+
+
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check every file against ``MANIFEST.json``; return the trainer state. Raises
-    :class:`CorruptCheckpointError` naming the first problem."""
+    :class:`CorruptCheckpointError` naming the first problem (never another exception)."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError
     except FileNotFoundError:
         raise CorruptCheckpointError(f"checkpoint {path} is incomplete: it has no {MANIFEST}") from None
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise CorruptCheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable") from None
+    for required in REQUIRED_FILES:
+        if required not in files:
+            raise CorruptCheckpointError(f"checkpoint {path}: {required} is missing from {MANIFEST}")
     for relative, expected in files.items():
+        parts = Path(relative).parts
+        if Path(relative).is_absolute() or ".." in parts or not parts:
+            raise CorruptCheckpointError(f"checkpoint {path}: {MANIFEST} names a file outside it: {relative!r}")
         file = path / relative
+        try:
+            size, digest = int(expected["size"]), str(expected["sha256"])
+            matches = file.is_file() and file.stat().st_size == size and _sha256(file) == digest
+        except (OSError, KeyError, TypeError, ValueError):
+            matches = False
         if not file.is_file():
             raise CorruptCheckpointError(f"checkpoint {path}: {relative} is missing")
-        if file.stat().st_size != expected["size"] or _sha256(file) != expected["sha256"]:
+        if not matches:
             raise CorruptCheckpointError(f"checkpoint {path}: {relative} does not match its sha256 in {MANIFEST}")
-    if TRAINER_STATE not in files:
-        raise CorruptCheckpointError(f"checkpoint {path}: {TRAINER_STATE} is missing from {MANIFEST}")
-    return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CorruptCheckpointError(f"checkpoint {path}: {TRAINER_STATE} is unreadable") from None
+    return state
 
 
 def load_checkpoint(path: str | Path) -> CheckpointInfo:
@@ -230,8 +253,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = [
+        p for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def latest_valid_checkpoint(root: str | Path) -> Optional[CheckpointInfo]:
@@ -250,5 +276,8 @@ def prune(root: str | Path, keep_last: int) -> None:
     for path in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
     for path in root.iterdir():
-        if path.name.startswith(TMP_PREFIX) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+        if path.name.startswith(TMP_PREFIX):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -30,6 +30,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -41,9 +51,11 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # accepted before or after the subcommand; SUPPRESS keeps a subcommand's parser from resetting a
+    # value given before it (defaults are applied in parse_args below)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", choices=LEVELS, default="info", help="logging verbosity (default: info)")
-    common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    common.add_argument("--log-level", choices=LEVELS, default=argparse.SUPPRESS, help="logging verbosity (default: info)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of unexpected errors")
 
     parser = argparse.ArgumentParser(
         prog="dedloc",
@@ -112,8 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--max-steps", type=_positive_int, help="stop after this global step (default: the run's total)")
     swarm.add_argument("--workdir", type=Path, help="directory for checkpoints, logs, summary.json (default: a new one)")
     swarm.add_argument("--config", type=Path, help="run configuration (default: the embedded default run)")
-    swarm.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds (default: 1800)")
+    swarm.add_argument("--timeout", type=_positive_float, default=1800.0, help="give up after this many seconds (default: 1800)")
     return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.log_level = getattr(args, "log_level", "info")
+    args.debug = getattr(args, "debug", False)
+    return args
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -175,8 +194,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         code = _run(args)
     except DedlocError as e:

@@ -54,15 +54,15 @@ class GracefulExit:
     @classmethod
     def install(cls, name: str) -> "GracefulExit":
         self = cls(name)
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal went away
+            signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._main_pid:
-            if signum == signal.SIGTERM:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
+            if signum != signal.SIGINT:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             return
         if self.requested.is_set():
             if signum == signal.SIGINT:
@@ -85,6 +85,29 @@ class GracefulExit:
         return self.requested.wait(timeout)
 
 
+def _terminate_with_parent() -> None:
+    """In a freshly forked child: receive SIGTERM when the launching process dies (Linux), so a
+    launcher killed outright does not leave a whole swarm running."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+def stop_all(children: list["ChildProcess"], grace: float = 20.0) -> None:
+    """Stop several children at once: all are asked first, then each is reaped within one shared grace."""
+    import time
+
+    for child in children:
+        child.request_stop()
+    deadline = time.monotonic() + grace
+    for child in children:
+        child.stop(grace=max(0.0, deadline - time.monotonic()))
+
+
 class ChildProcess:
     """A daemon started in its own session, so it and everything under it form one process group.
 
@@ -99,7 +122,7 @@ class ChildProcess:
         self._log = open(log_path, "ab")
         self.popen = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env, cwd=cwd,
+            start_new_session=True, env=env, cwd=cwd, preexec_fn=_terminate_with_parent,
         )
         self.pid = self.popen.pid
 
@@ -130,19 +153,27 @@ class ChildProcess:
                 continue
         return False
 
+    def request_stop(self) -> None:
+        """Ask the daemon to shut down gracefully: SIGTERM to its main process only, so it can stop its
+        own helpers (DHT, averagers, p2pd) in order."""
+        if self.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def stop(self, grace: float = 20.0) -> Optional[int]:
-        """Stop the child and its whole group; returns the child's exit code (None if unknown)."""
+        """Stop the child and reap its whole group: a graceful stop first, then SIGKILL for whatever
+        is left after ``grace`` seconds (or at once when the main process is gone); returns the exit code."""
         import time
 
-        if self.poll() is None:
-            self.signal_group(signal.SIGTERM)
-            self.wait(grace)
-        deadline = time.monotonic() + (grace if self.poll() is None else 5.0)
+        self.request_stop()
+        self.wait(grace)
+        deadline = time.monotonic() + (5.0 if self.poll() is not None else 0.0)
         while self.group_alive() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self.group_alive() or self.poll() is None:
-            self.signal_group(signal.SIGKILL)
-            self.wait(5)
+        self.signal_group(signal.SIGKILL)
+        self.wait(5)
         self._log.close()
         return self.poll()
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 from dedloc.config import default_run_config, load_run_config
 from dedloc.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, UserInputError
-from dedloc.lifecycle import ChildProcess, GracefulExit
+from dedloc.lifecycle import ChildProcess, GracefulExit, stop_all
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +169,7 @@ def run_local_swarm(options: SwarmOptions, stop: Optional[GracefulExit] = None) 
         print(f"dedloc swarm: checkpoints in {workdir / 'coordinator' / 'checkpoints'}, logs in {workdir / 'logs'}", flush=True)
         return 0
     finally:
-        for child in reversed(children):
-            child.stop()
+        stop_all(list(reversed(children)))
 
 
 def _wait_for_join_address(path: Path, coordinator: ChildProcess, timeout: float, stop: GracefulExit) -> Optional[list[str]]:

@@ -8,6 +8,7 @@ train → (at the end) wait for the coordinator's final checkpoint → optional 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,17 @@ class PeerOptions:
     extra_env: dict = field(default_factory=dict)
 
 
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Fail at start, not after hours of training, when an output directory cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".dedloc-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserInputError(f"{flag} {path} is not writable: {e.strerror or e}") from None
+
+
 def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     """Run a peer until the run ends or a stop is requested; returns the exit code (0 or 130)."""
     stop = stop or GracefulExit.install("peer")
@@ -76,10 +88,15 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         nat_traversal=options.nat_traversal,
         client_mode=options.client_mode,
     )
+    if options.snapshot_dir is not None:
+        check_writable_dir(options.snapshot_dir, "--snapshot-dir")
     started = time.monotonic()
-    dht = start_dht(identity, network, initial_peers=join.as_strings, validators=[RSASignatureValidator()])
-    optimizer = None
+    dht = None
     try:
+        dht = start_dht(
+            identity, network, initial_peers=join.as_strings, validators=[RSASignatureValidator()],
+            stop=stop.requested,
+        )
         logger.info(f"joined the swarm as {identity.peer_id.to_base58()}; fetching the run from the coordinator")
         manifest = wait_for_manifest(dht, join.coordinator_id, options.join_timeout, stop)
         config = manifest.config
@@ -131,5 +148,6 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
                 logger.info(f"wrote this peer's final state to {path}")
         return 130 if stop.is_set() else 0
     finally:
-        dht.shutdown()
+        if dht is not None:
+            dht.shutdown()
         identity.discard()

@@ -28,6 +28,7 @@ from dedloc.task.build import PeerTask
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_PERIOD = 30.0
+ONLINE_WINDOW = 60.0  # a peer whose newest record is older than this has left
 
 
 class RunStatusWatcher(threading.Thread):
@@ -89,6 +90,7 @@ class PeerTrainer:
         self.watcher = RunStatusWatcher(dht, coordinator_id)
         self.peer_id = identity.peer_id.to_base58()
         self.samples_contributed = 0
+        self.peers_at_start = 1
         self.last_loss: Optional[float] = None
         self._last_publish = 0.0
 
@@ -104,6 +106,9 @@ class PeerTrainer:
         return status is not None and status.finished
 
     def publish(self, step_loss: Optional[float], mini_steps: int) -> None:
+        """Publish this peer's metrics in the background; a diverged loss is sent as unknown."""
+        if step_loss is not None and not (math.isfinite(step_loss) and 0.0 <= step_loss <= 1e4):
+            step_loss = None
         metrics = PeerMetrics(
             peer_id=self.peer_id,
             step=self.opt.local_epoch,
@@ -119,19 +124,11 @@ class PeerTrainer:
         publish_metrics(self.dht, self.config.run_id, self.identity.public_key, metrics)
         self._last_publish = time.monotonic()
 
-    def say_goodbye(self) -> None:
-        """Withdraw this peer's metrics so the coordinator stops counting it at once."""
-        from dedloc.swarm.records import metrics_key, owner_subkey
-        from hivemind.utils import get_dht_time
-
+    def say_goodbye(self, timeout: float = 5.0) -> None:
+        """Withdraw this peer's metrics so the coordinator stops counting it at once (best effort)."""
         try:
-            self.dht.store(
-                metrics_key(self.config.run_id),
-                subkey=owner_subkey(self.identity.public_key),
-                value=None,
-                expiration_time=get_dht_time() + 60,
-            )
-        except Exception as e:
+            publish_metrics(self.dht, self.config.run_id, self.identity.public_key, None).result(timeout)
+        except Exception as e:  # the DHT may be gone already; the record then simply expires
             logger.debug(f"goodbye failed: {e!r}")
 
     # ----------------------------------------------------------------------------------------------
@@ -142,7 +139,9 @@ class PeerTrainer:
         announced = False
         while not self.stop.is_set():
             self.publish(None, 0)
-            online, _ = fetch_metrics(self.dht, self.config.run_id)
+            records, _ = fetch_metrics(self.dht, self.config.run_id)
+            online = [m for m in records.values() if time.time() - m.time < ONLINE_WINDOW]
+            self.peers_at_start = max(len(online), 1)
             if len(online) >= wanted:
                 return
             if not announced:
@@ -164,15 +163,18 @@ class PeerTrainer:
             logger.info(f"state downloaded in {time.monotonic() - started:.1f} s: now at step {self.opt.local_epoch}")
 
     def wait_for_first_round(self, deadline: float) -> None:
-        """Hold the first global step until hivemind's progress tracker sees ``min_peers`` peers.
+        """Hold this peer's first global step until hivemind's progress tracker sees the peers that
+        were online when it joined (at least ``min_peers``).
 
-        hivemind averages only with peers its tracker has seen, and a peer publishes its progress only
-        after its first micro-batch; without this wait, peers that start together each take the first
-        step alone (hivemind: "there are no other peers") and start from different parameters.
+        hivemind averages only with peers its tracker has seen (and averages state only when it sees
+        others), and a peer publishes its progress only after its first micro-batch. Without this wait,
+        peers that start together each take the first step alone (hivemind: "there are no other peers")
+        and drift apart, and a late joiner skips the state-averaging round the others wait for.
         """
-        wanted = self.config.training.min_peers
+        wanted = max(self.config.training.min_peers, self.peers_at_start)
+        start_epoch = self.opt.local_epoch
         while not self.stop.is_set() and time.monotonic() < deadline:
-            if self.opt.tracker.global_progress.num_peers >= wanted or self.opt.local_epoch > 0:
+            if self.opt.tracker.global_progress.num_peers >= wanted or self.opt.local_epoch > start_epoch:
                 return
             self.stop.wait(0.2)
         if not self.stop.is_set() and self.opt.tracker.global_progress.num_peers < wanted:
@@ -210,12 +212,27 @@ class PeerTrainer:
             self.samples_contributed += self.micro_batch_size
             if opt.local_epoch != epoch:
                 epoch = opt.local_epoch
+                if epoch >= self.stop_at():
+                    self.final_sync()
                 self.last_loss = stats.mean_loss()
                 self.publish(self.last_loss, len(stats.losses))
                 self.log_step(stats)
                 stats = StepStats()
             elif time.monotonic() - self._last_publish > HEARTBEAT_PERIOD:
                 self.publish(self.last_loss, 0)
+
+    def final_sync(self) -> None:
+        """One last synchronous state-averaging round with the peers still here, so that every peer —
+        and the checkpoint the coordinator takes from any of them — ends the run with the same parameters."""
+        try:
+            self.opt.state_averager.step(wait_for_delayed_updates=True)
+            self.opt.state_averager.step(
+                averaging_round=True,
+                delay_averaging=False,
+                averaging_opts=dict(timeout=self.config.averaging.averaging_timeout),
+            )
+        except Exception as e:
+            logger.warning(f"the final state-averaging round failed ({e!r}); keeping this peer's own state")
 
     def wait_for_end(self) -> None:
         """After the last step: keep serving state until the coordinator has its final checkpoint."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dedloc.lifecycle import ChildProcess
+from dedloc.lifecycle import ChildProcess, stop_all
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,8 +40,7 @@ class Processes:
         return child
 
     def stop_all(self) -> None:
-        for child in reversed(self.children):
-            child.stop(grace=10)
+        stop_all(list(reversed(self.children)), grace=15)
 
 
 @pytest.fixture

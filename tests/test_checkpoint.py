@@ -106,3 +106,22 @@ def test_manifest_lists_every_file(tmp_path, parts):
     on_disk = {p.name for p in path.iterdir()} - {"MANIFEST.json"}
     assert set(manifest["files"]) == on_disk
     assert {"model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"} <= on_disk
+
+
+def test_malformed_manifest_is_refused_not_crashed(tmp_path, parts):
+    model, tokenizer, optimizer = parts
+    good = write_checkpoint(tmp_path, 1, model, tokenizer, optimizer, {})
+    bad = write_checkpoint(tmp_path, 2, model, tokenizer, optimizer, {})
+    for content in ('{"files": {"../../etc/passwd": {"size": 1, "sha256": "x"}}}', '{"files": []}', "[1, 2",
+                    '{"files": {"config.json": {}}}'):
+        (bad / "MANIFEST.json").write_text(content)
+        with pytest.raises(CorruptCheckpointError):
+            load_checkpoint(bad)
+        assert latest_valid_checkpoint(tmp_path).path == good
+
+
+def test_steps_sort_numerically(tmp_path, parts):
+    model, tokenizer, optimizer = parts
+    for step in (999_999, 1_000_000):
+        write_checkpoint(tmp_path, step, model, tokenizer, None, {}, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1000000"]

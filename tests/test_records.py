@@ -35,23 +35,34 @@ def manifest() -> RunManifest:
     return RunManifest.create(default_run_config(), TOKENIZER)
 
 
+def chunks_of(m: RunManifest) -> dict:
+    return dict(enumerate(m.tokenizer_chunks()))
+
+
 def test_manifest_round_trip():
     original = manifest()
-    parsed = parse_manifest(original.to_record())
+    parsed = parse_manifest(original.to_record(), chunks_of(original))
     assert parsed.config == original.config and parsed.tokenizer_json == TOKENIZER
 
 
 def test_other_protocol_version_is_named():
     record = dict(manifest().to_record(), protocol=PROTOCOL_VERSION + 1)
     with pytest.raises(IncompatibleSwarmError, match=f"protocol version {PROTOCOL_VERSION + 1}.*speaks version {PROTOCOL_VERSION}"):
-        parse_manifest(record)
+        parse_manifest(record, chunks_of(manifest()))
 
 
 @pytest.mark.parametrize("field", ["config_sha256", "tokenizer_sha256"])
 def test_hash_mismatch_is_refused(field):
     record = dict(manifest().to_record(), **{field: "0" * 64})
     with pytest.raises(IncompatibleSwarmError, match="does not match its published hash"):
-        parse_manifest(record)
+        parse_manifest(record, chunks_of(manifest()))
+
+
+def test_big_tokenizer_travels_in_small_chunks():
+    big = train_tokenizer([f"word{i} and word{i * 7} make sentence {i}" for i in range(3000)], vocab_size=3000).to_str()
+    m = RunManifest.create(default_run_config(), big)
+    assert len(m.tokenizer_chunks()) > 3 and all(len(c) <= 2048 for c in m.tokenizer_chunks())
+    assert parse_manifest(m.to_record(), chunks_of(m)).tokenizer_json == big
 
 
 @pytest.mark.parametrize(
@@ -113,8 +124,8 @@ def test_records_travel_signed_between_nodes(nodes):
                          samples_per_second=5.0, samples=16, time=time.time())
     liar = PeerMetrics(peer_id=peer_id.peer_id.to_base58(), step=9, loss=0.1, mini_steps=2,
                        samples_per_second=500.0, samples=99999, time=time.time())
-    publish_metrics(peer, "dedloc-embedded", peer_id.public_key, honest).result()
-    publish_metrics(forger, "dedloc-embedded", forger_id.public_key, liar).result()
+    publish_metrics(peer, "dedloc-embedded", peer_id.public_key, honest).result(10)
+    publish_metrics(forger, "dedloc-embedded", forger_id.public_key, liar).result(10)
     metrics, dropped = fetch_metrics(coordinator, "dedloc-embedded")
     assert set(metrics) == {peer_id.peer_id.to_base58()} and metrics[peer_id.peer_id.to_base58()].step == 1
     assert dropped == [forger_id.peer_id.to_base58()]

@@ -7,17 +7,22 @@ unless asked for (``nat_traversal=True``, for volunteers on the real internet).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
+import re
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import hivemind
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from dedloc.errors import SwarmUnreachableError, UserInputError
+from dedloc.swarm.addresses import parse_maddr
 from dedloc.swarm.identity import Identity
 
 logger = logging.getLogger(__name__)
@@ -41,16 +46,22 @@ def start_dht(
     network: NetworkOptions,
     initial_peers: Sequence[str] = (),
     validators: Iterable[RecordValidatorBase] = (),
-    startup_timeout: float = 30.0,
+    startup_timeout: float = 25.0,
+    stop: Optional[threading.Event] = None,
 ) -> hivemind.DHT:
     """Start a DHT node (in its own child process, with its own p2pd) and wait until it is ready.
 
     The child processes ignore SIGINT: a Ctrl-C in the terminal reaches the whole process group, and
-    the node must be shut down by its parent, in order, not killed from under it.
+    the node must be shut down by its parent, in order, not killed from under it. The caller keeps
+    its own handler, so a stop (``stop`` set) while waiting raises KeyboardInterrupt.
 
-    Raises :class:`SwarmUnreachableError` when ``initial_peers`` cannot be reached and
-    :class:`UserInputError` when the listen address cannot be used.
+    Raises :class:`SwarmUnreachableError` when ``initial_peers`` cannot be reached or joined within
+    ``startup_timeout`` and :class:`UserInputError` when the listen or announce address cannot be used.
     """
+    for maddr in network.announce_maddrs:
+        parsed = parse_maddr(maddr)
+        if re.search(r"/(tcp|udp)/0(/|$)", str(parsed)) or "/p2p/" in str(parsed):
+            raise UserInputError(f"announce address {maddr!r} must name a fixed port and no /p2p/ part")
     kwargs = dict(
         host_maddrs=list(network.host_maddrs),
         announce_maddrs=list(network.announce_maddrs) or None,
@@ -62,24 +73,48 @@ def start_dht(
         check_if_identity_free=False,
         **network.extra,
     )
+    dht = hivemind.DHT(
+        initial_peers=list(initial_peers) or None, start=False, record_validators=list(validators), **kwargs
+    )
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the DHT process and its p2pd
     try:
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers) or None, start=True, record_validators=list(validators), **kwargs
-        )
-        _make_command_pipe_blocking(dht)
-        return dht
-    except P2PDaemonError as e:
-        text = str(e)
-        if initial_peers and ("bootstrap" in text or "connect" in text):
-            raise SwarmUnreachableError(
-                f"cannot reach the swarm at {', '.join(initial_peers)}: {text.splitlines()[-1]}"
-            ) from None
-        if "address already in use" in text or "listen" in text:
-            raise UserInputError(f"cannot listen on {', '.join(network.host_maddrs)}: {text}") from None
-        raise
+        dht.start()
     finally:
         signal.signal(signal.SIGINT, previous)
+    deadline = time.monotonic() + startup_timeout + 5.0
+    try:
+        while True:
+            try:
+                dht.wait_until_ready(timeout=0.5)
+                break
+            except (TimeoutError, concurrent.futures.TimeoutError):
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the DHT node did not start within {startup_timeout:.0f} s") from None
+    except KeyboardInterrupt:
+        _discard(dht)
+        raise
+    except Exception as e:
+        _discard(dht)
+        text = f"{type(e).__name__}: {e}".strip().splitlines()[-1]
+        if initial_peers:
+            raise SwarmUnreachableError(
+                f"cannot reach the swarm at {', '.join(initial_peers)} ({text}); check the address, and whether "
+                "this machine can reach it (behind NAT, add --client-mode)"
+            ) from None
+        if isinstance(e, P2PDaemonError) and ("address already in use" in text or "listen" in text):
+            raise UserInputError(f"cannot listen on {', '.join(network.host_maddrs)}: {text}") from None
+        raise
+    _make_command_pipe_blocking(dht)
+    return dht
+
+
+def _discard(dht: hivemind.DHT) -> None:
+    """Stop a DHT process that failed to start (it may still be bootstrapping)."""
+    if dht.is_alive():
+        dht.terminate()
+        dht.join(5)
 
 
 def _make_command_pipe_blocking(dht: hivemind.DHT) -> None:

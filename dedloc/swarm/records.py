@@ -16,6 +16,7 @@ values are msgpack (hivemind's serializer) and the config travels as JSON text.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from dedloc.task.tokenizer import tokenizer_sha256
 logger = logging.getLogger(__name__)
 
 MAX_TOKENIZER_BYTES = 8 * 1024 * 1024
+TOKENIZER_CHUNK = 2048
 MANIFEST_EXPIRATION = 3600.0
 METRICS_EXPIRATION = 120.0
 
@@ -52,6 +54,10 @@ def coordinator_prefix(coordinator_id: PeerID) -> str:
 
 def manifest_key(coordinator_id: PeerID) -> str:
     return f"{coordinator_prefix(coordinator_id)}_manifest"
+
+
+def tokenizer_key(coordinator_id: PeerID) -> str:
+    return f"{coordinator_prefix(coordinator_id)}_tokenizer"
 
 
 def status_key(coordinator_id: PeerID) -> str:
@@ -86,7 +92,12 @@ def owner_of_subkey(subkey: Any) -> Optional[PeerID]:
 
 @dataclass(frozen=True)
 class RunManifest:
-    """The run as the coordinator published it. ``config_sha256`` and ``tokenizer_sha256`` identify it."""
+    """The run as the coordinator published it. ``config_sha256`` and ``tokenizer_sha256`` identify it.
+
+    In the DHT it is one small record (config, hashes, protocol) plus the zlib-compressed tokenizer in
+    signed chunks of at most :data:`TOKENIZER_CHUNK` bytes: every command a process sends its DHT
+    stays under the 4 kB that a pipe writes atomically (see :func:`dedloc.swarm.node.start_dht`).
+    """
 
     config: RunConfig
     tokenizer_json: str
@@ -98,14 +109,18 @@ class RunManifest:
     def create(cls, config: RunConfig, tokenizer_json: str) -> "RunManifest":
         return cls(config, tokenizer_json, config.sha256(), tokenizer_sha256(tokenizer_json), time.time())
 
+    def tokenizer_chunks(self) -> list[bytes]:
+        packed = zlib.compress(self.tokenizer_json.encode(), 9)
+        return [packed[i : i + TOKENIZER_CHUNK] for i in range(0, len(packed), TOKENIZER_CHUNK)]
+
     def to_record(self) -> dict:
         return dict(
             protocol=PROTOCOL_VERSION,
             run_id=self.config.run_id,
             config=json.dumps(self.config.to_json_dict(), sort_keys=True),
             config_sha256=self.config_sha256,
-            tokenizer=zlib.compress(self.tokenizer_json.encode(), 9),
             tokenizer_sha256=self.tokenizer_sha256,
+            tokenizer_chunks=len(self.tokenizer_chunks()),
             published_at=self.published_at,
         )
 
@@ -114,10 +129,10 @@ class _ManifestRecord(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(strict=True, extra="forbid")
     protocol: int
     run_id: str = pydantic.Field(max_length=64)
-    config: str = pydantic.Field(max_length=65536)
+    config: str = pydantic.Field(max_length=16384)
     config_sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
-    tokenizer: bytes = pydantic.Field(max_length=MAX_TOKENIZER_BYTES)
     tokenizer_sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
+    tokenizer_chunks: int = pydantic.Field(ge=1, le=MAX_TOKENIZER_BYTES // TOKENIZER_CHUNK)
     published_at: float
 
 
@@ -131,16 +146,22 @@ def check_protocol(record: Any, what: str) -> None:
         )
 
 
-def parse_manifest(record: Any) -> RunManifest:
-    """Validate a manifest record's content; raises :class:`IncompatibleSwarmError` on any mismatch."""
+def _inflate(packed: bytes) -> str:
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(packed, MAX_TOKENIZER_BYTES)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"the tokenizer is larger than {MAX_TOKENIZER_BYTES} bytes")
+    return data.decode()
+
+
+def parse_manifest(record: Any, tokenizer_chunks: Optional[dict[int, bytes]] = None) -> RunManifest:
+    """Validate a manifest record and its tokenizer chunks; raises :class:`IncompatibleSwarmError`
+    when the protocol differs or the config or tokenizer does not match its published hash."""
     check_protocol(record, "run manifest")
     try:
         parsed = _ManifestRecord.model_validate(record)
-        tokenizer_json = zlib.decompress(parsed.tokenizer, bufsize=MAX_TOKENIZER_BYTES).decode()
-        if len(tokenizer_json) > MAX_TOKENIZER_BYTES:
-            raise ValueError("tokenizer too large")
         config_data = json.loads(parsed.config)
-    except (pydantic.ValidationError, zlib.error, UnicodeDecodeError, ValueError) as e:
+    except (pydantic.ValidationError, ValueError) as e:
         raise IncompatibleSwarmError(f"the coordinator's run manifest is malformed: {e}") from None
     config = parse_run_config(config_data, origin="the coordinator's run config")
     if config.sha256() != parsed.config_sha256:
@@ -148,6 +169,13 @@ def parse_manifest(record: Any) -> RunManifest:
             "the coordinator's run config does not match its published hash "
             f"({config.sha256()[:12]} != {parsed.config_sha256[:12]}): refusing to train on it"
         )
+    chunks = tokenizer_chunks or {}
+    if sorted(chunks) != list(range(parsed.tokenizer_chunks)):
+        raise _IncompleteManifest(f"{len(chunks)} of {parsed.tokenizer_chunks} tokenizer chunks found")
+    try:
+        tokenizer_json = _inflate(b"".join(chunks[i] for i in range(parsed.tokenizer_chunks)))
+    except (zlib.error, UnicodeDecodeError, ValueError) as e:
+        raise IncompatibleSwarmError(f"the coordinator's tokenizer is malformed: {e}") from None
     if tokenizer_sha256(tokenizer_json) != parsed.tokenizer_sha256:
         raise IncompatibleSwarmError(
             "the coordinator's tokenizer does not match its published hash "
@@ -156,30 +184,75 @@ def parse_manifest(record: Any) -> RunManifest:
     return RunManifest(config, tokenizer_json, parsed.config_sha256, parsed.tokenizer_sha256, parsed.published_at)
 
 
-def publish_manifest(dht: hivemind.DHT, public_key: RSAPublicKey, coordinator_id: PeerID, manifest: RunManifest) -> bool:
-    return dht.store(
-        manifest_key(coordinator_id),
-        subkey=owner_subkey(public_key),
-        value=manifest.to_record(),
-        expiration_time=get_dht_time() + MANIFEST_EXPIRATION,
-    )
+class _IncompleteManifest(Exception):
+    """Not all of the manifest has reached this node yet (try again)."""
 
 
-def _owned_value(dht: hivemind.DHT, key: str, owner: PeerID) -> Optional[Any]:
-    """The value stored under ``key`` by ``owner`` (signature already verified by the DHT's validator)."""
-    found = dht.get(key, latest=True)
-    if found is None or not isinstance(found.value, dict):
+def _chunk_subkey(public_key: RSAPublicKey, digest: str, index: int) -> bytes:
+    return owner_subkey(public_key) + f"#{digest[:16]}#{index}".encode()
+
+
+def _store(dht: hivemind.DHT, key: str, subkey: bytes, value: Any, expiration: float, timeout: float) -> bool:
+    try:
+        return bool(
+            dht.store(key, subkey=subkey, value=value, expiration_time=get_dht_time() + expiration, return_future=True)
+            .result(timeout)
+        )
+    except (TimeoutError, concurrent.futures.TimeoutError):
+        logger.debug(f"storing {key} timed out")
+        return False
+
+
+def publish_manifest(
+    dht: hivemind.DHT, public_key: RSAPublicKey, coordinator_id: PeerID, manifest: RunManifest, timeout: float = 10.0
+) -> bool:
+    """Store the tokenizer chunks, then the manifest record; True if every store succeeded."""
+    ok = True
+    for index, chunk in enumerate(manifest.tokenizer_chunks()):
+        subkey = _chunk_subkey(public_key, manifest.tokenizer_sha256, index)
+        ok &= _store(dht, tokenizer_key(coordinator_id), subkey, chunk, MANIFEST_EXPIRATION, timeout)
+    ok &= _store(dht, manifest_key(coordinator_id), owner_subkey(public_key), manifest.to_record(), MANIFEST_EXPIRATION, timeout)
+    return ok
+
+
+def _get(dht: hivemind.DHT, key: str, timeout: float):
+    try:
+        return dht.get(key, latest=True, return_future=True).result(timeout)
+    except (TimeoutError, concurrent.futures.TimeoutError):
+        logger.debug(f"reading {key} timed out")
         return None
-    for subkey, item in found.value.items():
-        if owner_of_subkey(subkey) == owner and item.value is not None:
-            return item.value
-    return None
 
 
-def fetch_manifest(dht: hivemind.DHT, coordinator_id: PeerID) -> Optional[RunManifest]:
-    """The coordinator's manifest if it can be found now (None otherwise); raises if it is unusable."""
-    value = _owned_value(dht, manifest_key(coordinator_id), coordinator_id)
-    return None if value is None else parse_manifest(value)
+def _owned_items(dht: hivemind.DHT, key: str, owner: PeerID, timeout: float) -> list[tuple[bytes, Any]]:
+    """(subkey, value) pairs stored under ``key`` by ``owner`` (signatures already verified by the DHT)."""
+    found = _get(dht, key, timeout)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [
+        (subkey, item.value)
+        for subkey, item in found.value.items()
+        if item.value is not None and owner_of_subkey(subkey) == owner
+    ]
+
+
+def fetch_manifest(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[RunManifest]:
+    """The coordinator's manifest if all of it can be found now (None otherwise); raises
+    :class:`IncompatibleSwarmError` if it is unusable."""
+    records = _owned_items(dht, manifest_key(coordinator_id), coordinator_id, timeout)
+    if not records:
+        return None
+    record = records[0][1]
+    digest = record.get("tokenizer_sha256", "") if isinstance(record, dict) else ""
+    chunks: dict[int, bytes] = {}
+    for subkey, value in _owned_items(dht, tokenizer_key(coordinator_id), coordinator_id, timeout):
+        prefix, _, index = subkey.rpartition(b"#")
+        if prefix.endswith(f"#{str(digest)[:16]}".encode()) and index.isdigit() and isinstance(value, bytes):
+            chunks[int(index)] = value
+    try:
+        return parse_manifest(record, chunks)
+    except _IncompleteManifest as e:
+        logger.debug(f"the run manifest is not complete yet: {e}")
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,19 +294,17 @@ class _StatusRecord(pydantic.BaseModel):
     checkpoint_step: Optional[int] = pydantic.Field(None, ge=0)
 
 
-def publish_status(dht: hivemind.DHT, public_key: RSAPublicKey, coordinator_id: PeerID, status: RunStatus) -> bool:
-    return dht.store(
-        status_key(coordinator_id),
-        subkey=owner_subkey(public_key),
-        value=status.to_record(),
-        expiration_time=get_dht_time() + MANIFEST_EXPIRATION,
-    )
+def publish_status(
+    dht: hivemind.DHT, public_key: RSAPublicKey, coordinator_id: PeerID, status: RunStatus, timeout: float = 10.0
+) -> bool:
+    return _store(dht, status_key(coordinator_id), owner_subkey(public_key), status.to_record(), MANIFEST_EXPIRATION, timeout)
 
 
-def fetch_status(dht: hivemind.DHT, coordinator_id: PeerID) -> Optional[RunStatus]:
-    value = _owned_value(dht, status_key(coordinator_id), coordinator_id)
-    if value is None:
+def fetch_status(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[RunStatus]:
+    records = _owned_items(dht, status_key(coordinator_id), coordinator_id, timeout)
+    if not records:
         return None
+    value = records[0][1]
     check_protocol(value, "run status")
     try:
         parsed = _StatusRecord.model_validate(value)
@@ -281,23 +352,24 @@ def metrics_validator(run_id: str) -> SchemaValidator:
     return SchemaValidator(MetricsSchema, prefix=run_id)
 
 
-def publish_metrics(dht: hivemind.DHT, run_id: str, public_key: RSAPublicKey, metrics: PeerMetrics):
-    """Store this peer's metrics without waiting (a slow store never stalls training); returns the future."""
+def publish_metrics(dht: hivemind.DHT, run_id: str, public_key: RSAPublicKey, metrics: Optional[PeerMetrics]):
+    """Store this peer's metrics (None: withdraw them) without waiting — a slow store never stalls
+    training; returns the future."""
     return dht.store(
         metrics_key(run_id),
         subkey=owner_subkey(public_key),
-        value=metrics.dict(),
+        value=None if metrics is None else metrics.dict(),
         expiration_time=get_dht_time() + METRICS_EXPIRATION,
         return_future=True,
     )
 
 
-def fetch_metrics(dht: hivemind.DHT, run_id: str) -> tuple[dict[str, PeerMetrics], list[str]]:
+def fetch_metrics(dht: hivemind.DHT, run_id: str, timeout: float = 10.0) -> tuple[dict[str, PeerMetrics], list[str]]:
     """Live metrics by peer id, plus the ids (or subkeys) of records that were dropped as malformed.
 
     A record counts only if its ``peer_id`` is the peer id of the key that signed it.
     """
-    found = dht.get(metrics_key(run_id), latest=True)
+    found = _get(dht, metrics_key(run_id), timeout)
     metrics: dict[str, PeerMetrics] = {}
     dropped: list[str] = []
     if found is None or not isinstance(found.value, dict):

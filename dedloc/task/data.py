@@ -105,8 +105,9 @@ def load_text_dataset(section: DataSection, cache_dir: str | Path | None = None)
             dataset = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir)
     except UserInputError:
         raise
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise UserInputError(f"cannot load data source {source}: {e}") from None
+    except Exception as e:  # datasets raises many kinds: missing files, bad formats, no network, no permission
+        hint = " (a hub dataset needs internet access)" if source.startswith(HUB_PREFIX) else ""
+        raise UserInputError(f"cannot load data source {source}: {type(e).__name__}: {e}{hint}") from None
     columns = dataset.column_names
     if columns is not None and section.text_field not in columns:
         raise UserInputError(
@@ -199,8 +200,14 @@ class MicroBatchStream:
                 for index in order:
                     yield self.blocks[int(index)]["input_ids"]
             else:
+                produced = False
                 for example in self.blocks.shuffle(seed=self.seed + epoch, buffer_size=10_000):
+                    produced = True
                     yield example["input_ids"]
+                if not produced:
+                    raise UserInputError(
+                        f"data source {describe_source(self.section)} yielded no block of {self.section.seq_length} tokens"
+                    )
             epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
