@@ -86,7 +86,7 @@ class DataSection(_Section):
     split: str = "train"
     """Split of a hub dataset to train on."""
     streaming: bool = False
-    """Stream a hub dataset instead of downloading it whole."""
+    """Read the source as a stream (no full download or cache: for large hub datasets or files)."""
     seq_length: int = Field(128, ge=8, le=8192)
     """Tokens per training example."""
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)

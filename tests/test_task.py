@@ -114,3 +114,17 @@ def test_schedule_follows_the_global_step():
     factors = [lr_factor(step, section, total_steps=20) for step in range(21)]
     assert factors[0] < factors[3] < factors[4] == 1.0
     assert factors[20] == 0.0 and all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+def test_streamed_source(tmp_path, tokenizer_json):
+    """The streaming path (as for a large hub dataset) on a local file: filter, tokenize, shuffle buffer."""
+    path = tmp_path / "corpus.jsonl"
+    lines = embedded_corpus_path().read_text().splitlines()[:400]
+    path.write_text("\n".join(json.dumps({"text": line}) for line in lines))
+    config = default_run_config(data={"source": str(path), "streaming": True})
+    task = build_peer_task(config, tokenizer_json, micro_batch_size=2, data_seed=3)
+    stream = iter(task.stream)
+    first = [next(stream)["input_ids"] for _ in range(3)]
+    assert all(batch.shape == (2, 128) for batch in first)
+    again = iter(build_peer_task(config, tokenizer_json, micro_batch_size=2, data_seed=3).stream)
+    assert torch.equal(next(again)["input_ids"], first[0])

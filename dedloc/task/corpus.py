@@ -12,7 +12,6 @@ The file is committed so that every peer reads byte-identical text whatever Pyth
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 from pathlib import Path
@@ -84,14 +83,6 @@ def embedded_corpus_path() -> Path:
     if not EMBEDDED_CORPUS.is_file():
         raise FileNotFoundError(f"the embedded corpus is missing from the installation: {EMBEDDED_CORPUS}")
     return EMBEDDED_CORPUS
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":

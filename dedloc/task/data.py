@@ -102,7 +102,9 @@ def load_text_dataset(section: DataSection, cache_dir: str | Path | None = None)
             dataset = datasets.load_from_disk(str(Path(source).expanduser()))
         else:
             fmt, files = _local_files(source, section.format)
-            dataset = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir)
+            dataset = datasets.load_dataset(
+                fmt, data_files=files, split="train", cache_dir=cache_dir, streaming=section.streaming
+            )
     except UserInputError:
         raise
     except Exception as e:  # datasets raises many kinds: missing files, bad formats, no network, no permission
