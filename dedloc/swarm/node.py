@@ -46,7 +46,7 @@ def start_dht(
     network: NetworkOptions,
     initial_peers: Sequence[str] = (),
     validators: Iterable[RecordValidatorBase] = (),
-    startup_timeout: float = 25.0,
+    startup_timeout: float = 20.0,
     stop: Optional[threading.Event] = None,
 ) -> hivemind.DHT:
     """Start a DHT node (in its own child process, with its own p2pd) and wait until it is ready.
