@@ -16,7 +16,10 @@ from typing import Optional
 
 import hivemind
 
-from dedloc.checkpoint import write_checkpoint
+from transformers import AutoModelForMaskedLM
+
+from dedloc.checkpoint import CheckpointInfo, load_optimizer_state, write_checkpoint
+from dedloc.errors import UserInputError
 from dedloc.config import RunConfig
 from dedloc.swarm.optimizer import StateReader
 from dedloc.swarm.records import RunManifest
@@ -39,7 +42,7 @@ class Checkpointer:
         self.config, self.manifest, self.root = config, manifest, root
         self.tokenizer = hf_tokenizer(config, manifest.tokenizer_json)
         self.model = build_model(config.model, self.tokenizer, seed=config.training.seed)
-        self.reader = StateReader(dht, config, self.model)
+        self.reader = StateReader(dht, config, manifest.swarm_prefix, self.model)
         self.latest: Optional[SavedCheckpoint] = None
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
@@ -47,6 +50,27 @@ class Checkpointer:
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def resume(self, info: CheckpointInfo) -> None:
+        """Hold a verified checkpoint as the current state, and serve it to peers that join.
+
+        Raises :class:`UserInputError` when the checkpoint belongs to another model or tokenizer."""
+        tokenizer_hash = info.trainer_state.get("tokenizer_sha256")
+        if tokenizer_hash != self.manifest.tokenizer_sha256:
+            raise UserInputError(
+                f"checkpoint {info.path} was trained with another tokenizer ({str(tokenizer_hash)[:12]}, the run "
+                f"now has {self.manifest.tokenizer_sha256[:12]}); move it away to start from scratch"
+            )
+        try:
+            weights = AutoModelForMaskedLM.from_pretrained(info.path).state_dict()
+            self.reader.load(weights, load_optimizer_state(info.path, info), info.step)
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            raise UserInputError(
+                f"checkpoint {info.path} does not fit the run's model: {str(e).splitlines()[0]}; "
+                "move it away to start from scratch"
+            ) from None
+        self.reader.share()
+        self.latest = SavedCheckpoint(step=info.step, path=info.path, saved_at=info.trainer_state.get("saved_at", 0.0))
 
     def start(self, wanted_step: int, stop: Optional[threading.Event] = None) -> bool:
         """Begin a checkpoint of a state at least as new as ``wanted_step`` in the background;
@@ -108,6 +132,7 @@ class Checkpointer:
                 )
                 return None
             self.latest = SavedCheckpoint(step=step, path=path, saved_at=time.time())
+            self.reader.share()
             logger.info(f"checkpoint step={step} written to {path}")
             return self.latest
 

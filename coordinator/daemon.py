@@ -1,18 +1,18 @@
 """``dedloc coordinator``: the run's anchor.
 
-It owns a persistent identity in its state directory (its libp2p peer id is in the join address and
-signs the run config), bootstraps the DHT, publishes the run manifest and status, prints the join
-command, logs one line per global step, keeps a history, writes checkpoints every N steps and ends the
-run at its last step (final checkpoint, then "finished" for the peers).
+It owns a persistent identity and port in its state directory (see :mod:`.state_dir`), so the join
+command it prints stays valid across restarts; bootstraps the DHT; publishes the signed run manifest
+and status; logs one line per global step and keeps the history; writes checkpoints every N steps;
+and ends the run at its last step (final checkpoint, then "finished" for the peers).
 
-Files in the state directory: ``identity.key``, ``tokenizer.json``, ``coordinator.json`` (join
-addresses, written once the node is up), ``history.jsonl`` (one line per global step),
-``checkpoints/``, ``cache/``.
+On a restart it resumes from its newest valid checkpoint: tracking continues from the recorded history,
+and the checkpoint is served to peers, so if every peer had left, the first to join continues from it
+(weights, optimizer state, global step) rather than from scratch.
 """
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import json
 import logging
 import os
@@ -21,27 +21,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import TrainingProgressSchema
 
-from dedloc.config import default_run_config, load_run_config
-from dedloc.errors import UserInputError
+from dedloc.checkpoint import latest_valid_checkpoint, list_checkpoints
+from dedloc.config import RunConfig, default_run_config, load_run_config
+from dedloc.errors import SwarmUnreachableError, UserInputError
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import setup_logging
 from dedloc.swarm.addresses import listen_maddr
 from dedloc.swarm.identity import Identity
-from dedloc.swarm.node import NetworkOptions, start_dht, visible_maddrs
+from dedloc.swarm.node import NetworkOptions, connected_peer_maddrs, start_dht, tcp_port, visible_maddrs
 from dedloc.swarm.records import RunManifest, RunStatus, metrics_validator, publish_manifest, publish_status
 from dedloc.task.build import prepare_tokenizer
 
 from .checkpointer import Checkpointer
+from .state_dir import StateDir, write_json_atomic
 from .tracker import SwarmTracker
 
 logger = logging.getLogger(__name__)
 
 REPUBLISH_PERIOD = 60.0
+KNOWN_PEERS_PERIOD = 10.0
 PEERS_LEAVE_GRACE = 30.0
+LAST_STEPS_GRACE = 30.0
 
 
 @dataclass
@@ -51,6 +56,7 @@ class CoordinatorOptions:
     workdir: Path
     host: str = "127.0.0.1"
     port: int = 0
+    """0: the port remembered from the first start, or any free port on the first start."""
     announce_maddrs: Sequence[str] = ()
     nat_traversal: bool = False
     max_steps: Optional[int] = None
@@ -60,153 +66,192 @@ class CoordinatorOptions:
     log_level: str = "info"
 
 
-def _lock_workdir(workdir: Path):
-    """Hold an exclusive lock on the state directory for the life of the process."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        handle = open(workdir / "coordinator.lock", "a+")
-    except OSError as e:
-        raise UserInputError(f"cannot use state directory {workdir}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserInputError(f"another coordinator is running with state directory {workdir}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_coordinator(options: CoordinatorOptions, stop: Optional[GracefulExit] = None) -> int:
+    """Run the coordinator until the run ends (0) or a stop is requested (130)."""
     stop = stop or GracefulExit.install("coordinator")
     config = load_run_config(options.config) if options.config is not None else default_run_config()
     if options.max_steps is not None and options.max_steps <= 0:
         raise UserInputError(f"--max-steps must be positive (got {options.max_steps})")
-    stop_at = min(options.max_steps or config.training.total_steps, config.training.total_steps)
-    host_maddr = listen_maddr(options.host, options.port)
-    workdir = options.workdir.expanduser().resolve()
-    lock = _lock_workdir(workdir)
-    identity = Identity.load_or_create(workdir / "identity.key")
-    identity.bind_to_process()
-    setup_logging(options.log_level, "coordinator", identity.peer_id.to_base58())
-
-    tokenizer_json = prepare_tokenizer(config, workdir, cache_dir=workdir / "cache")
-    manifest = RunManifest.create(config, tokenizer_json)
-    validators = [
-        RSASignatureValidator(),
-        metrics_validator(config.run_id),
-        SchemaValidator(TrainingProgressSchema, prefix=config.run_id),
-    ]
-    network = NetworkOptions(
-        host_maddrs=[host_maddr], announce_maddrs=options.announce_maddrs, nat_traversal=options.nat_traversal
-    )
-    dht = start_dht(identity, network, validators=validators, stop=stop.requested)
-    checkpointer = None
+    state = StateDir(options.workdir.expanduser().resolve())
+    state.lock()
     try:
-        status = RunStatus(config.run_id, manifest.config_sha256, stop_at=stop_at, finished=False)
-        publish_manifest(dht, identity.public_key, identity.peer_id, manifest)
-        publish_status(dht, identity.public_key, identity.peer_id, status)
-        join = visible_maddrs(dht)
-        join_info = dict(
-            peer_id=identity.peer_id.to_base58(),
+        return Coordinator(options, config, state, stop).run()
+    finally:
+        state.unlock()
+
+
+class Coordinator:
+    def __init__(self, options: CoordinatorOptions, config: RunConfig, state: StateDir, stop: GracefulExit):
+        self.options, self.config, self.state, self.stop = options, config, state, stop
+        self.stop_at = min(options.max_steps or config.training.total_steps, config.training.total_steps)
+        self.identity = Identity.load_or_create(state.identity)
+        self.identity.bind_to_process()
+        setup_logging(options.log_level, "coordinator", self.identity.peer_id.to_base58())
+        self.manifest = RunManifest.create(config, prepare_tokenizer(config, state.path, cache_dir=state.path / "cache"))
+        self.resumed = latest_valid_checkpoint(state.checkpoints)
+        if self.resumed is None and list_checkpoints(state.checkpoints):
+            raise UserInputError(
+                f"none of the checkpoints in {state.checkpoints} verifies (see the warnings above); "
+                "move them away to start the run from scratch"
+            )
+        self.dht: Optional[hivemind.DHT] = None
+        self.checkpointer: Optional[Checkpointer] = None
+        self.status = RunStatus(
+            config.run_id, self.manifest.config_sha256, self.manifest.tokenizer_sha256, stop_at=self.stop_at,
+            finished=False, checkpoint_step=self.resumed.step if self.resumed else None,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def start_node(self) -> hivemind.DHT:
+        """Start the DHT on the configured port, else the one remembered from the first start; rejoin the
+        peers seen last time if any is still there."""
+        port = self.options.port or self.state.remembered_port() or 0
+        network = NetworkOptions(
+            host_maddrs=[listen_maddr(self.options.host, port)],
+            announce_maddrs=self.options.announce_maddrs,
+            nat_traversal=self.options.nat_traversal,
+        )
+        prefix = self.manifest.swarm_prefix
+        validators = [
+            RSASignatureValidator(),
+            metrics_validator(prefix),
+            SchemaValidator(TrainingProgressSchema, prefix=prefix),
+        ]
+        known = self.state.known_peers()
+        if known:
+            try:
+                return start_dht(self.identity, network, known, validators, startup_timeout=10.0, stop=self.stop.requested)
+            except SwarmUnreachableError:
+                logger.info("none of the peers seen before is reachable; starting a fresh swarm")
+        try:
+            return start_dht(self.identity, network, validators=validators, stop=self.stop.requested)
+        except Exception as e:
+            if port and not self.options.port:
+                raise UserInputError(
+                    f"cannot listen on port {port}, remembered from this coordinator's first start so that its "
+                    f"join address stays valid ({e}); free the port or pass --port"
+                ) from None
+            raise
+
+    def publish(self) -> None:
+        publish_manifest(self.dht, self.identity.public_key, self.identity.peer_id, self.manifest)
+        publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
+
+    def announce_join(self) -> list[str]:
+        join = visible_maddrs(self.dht)
+        self.state.remember(port=tcp_port(join))
+        info = dict(
+            peer_id=self.identity.peer_id.to_base58(),
             join=join,
-            run_id=config.run_id,
-            config_sha256=manifest.config_sha256,
-            tokenizer_sha256=manifest.tokenizer_sha256,
+            run_id=self.config.run_id,
+            config_sha256=self.manifest.config_sha256,
+            tokenizer_sha256=self.manifest.tokenizer_sha256,
             pid=os.getpid(),
         )
-        _write_json_atomic(workdir / "coordinator.json", join_info)
-        if options.join_file is not None:
+        write_json_atomic(self.state.path / "coordinator.json", info)
+        if self.options.join_file is not None:
             try:
-                options.join_file.parent.mkdir(parents=True, exist_ok=True)
-                _write_json_atomic(options.join_file, join_info)
+                self.options.join_file.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.options.join_file, info)
             except OSError as e:
-                raise UserInputError(f"cannot write --join-file {options.join_file}: {e.strerror or e}") from None
+                raise UserInputError(f"cannot write --join-file {self.options.join_file}: {e.strerror or e}") from None
         logger.info(
-            f"run '{config.run_id}' is up (config {manifest.config_sha256[:12]}, tokenizer "
-            f"{manifest.tokenizer_sha256[:12]}, ends at step {stop_at}); volunteers join with:"
+            f"run '{self.config.run_id}' is up (config {self.manifest.config_sha256[:12]}, tokenizer "
+            f"{self.manifest.tokenizer_sha256[:12]}, ends at step {self.stop_at}); volunteers join with:"
         )
         print(f"dedloc peer --join {' '.join(join)}", flush=True)
+        return join
 
-        checkpointer = Checkpointer(dht, manifest, workdir / "checkpoints")
-        tracker = SwarmTracker(dht, config.run_id, last_step=stop_at)
-        every = config.checkpoint.every_steps
-        next_checkpoint = every
-        last_publish = time.monotonic()
-        with open(workdir / "history.jsonl", "a", encoding="utf-8") as history:
-            while not stop.is_set():
-                _record_steps(tracker, history)
-                if tracker.global_step >= stop_at:
-                    break
-                if tracker.global_step >= next_checkpoint:
-                    if checkpointer.start(tracker.global_step, stop=stop.requested):
-                        next_checkpoint = (tracker.global_step // every + 1) * every
-                if time.monotonic() - last_publish > REPUBLISH_PERIOD:
-                    publish_manifest(dht, identity.public_key, identity.peer_id, manifest)
-                    publish_status(dht, identity.public_key, identity.peer_id, status)
-                    last_publish = time.monotonic()
-                stop.wait(1.0)
-            if stop.is_set():
-                logger.info(f"stopped ({stop.reason}) at global step {tracker.global_step}")
-                return 130
-            return _finish_run(dht, identity, checkpointer, tracker, history, status, stop_at, stop)
-    finally:
-        if checkpointer is not None:
-            checkpointer.shutdown(timeout=0 if stop.is_set() else 10)
-        dht.shutdown()
-        lock.close()
+    def record_steps(self, tracker: SwarmTracker, history) -> None:
+        """Log every newly finished global step and append it to ``history.jsonl``."""
+        for record in tracker.poll():
+            logger.info(record.log_line())
+            history.write(json.dumps(record.to_json()) + "\n")
+            history.flush()
 
+    def note_checkpoint(self) -> None:
+        latest = self.checkpointer.latest
+        if latest is not None and latest.step != self.status.checkpoint_step:
+            self.status = dataclasses.replace(self.status, checkpoint_step=latest.step)
+            publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
 
-def _record_steps(tracker: SwarmTracker, history) -> None:
-    """Log every newly finished global step and append it to ``history.jsonl``."""
-    for record in tracker.poll():
-        logger.info(record.log_line())
-        history.write(json.dumps(record.to_json()) + "\n")
-        history.flush()
+    # ----------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.dht = self.start_node()
+        try:
+            self.checkpointer = Checkpointer(self.dht, self.manifest, self.state.checkpoints)
+            if self.resumed is not None:
+                started = time.monotonic()
+                self.checkpointer.resume(self.resumed)
+                logger.info(
+                    f"resumed from checkpoint step={self.resumed.step} ({self.resumed.path}) in "
+                    f"{time.monotonic() - started:.1f} s; serving it to peers that join"
+                )
+            self.publish()
+            self.announce_join()
+            start_step = max(self.state.last_recorded_step(), self.resumed.step if self.resumed else 0)
+            tracker = SwarmTracker(self.dht, self.manifest.swarm_prefix, last_step=self.stop_at, start_step=start_step)
+            with open(self.state.history, "a", encoding="utf-8") as history:
+                if tracker.global_step < self.stop_at:
+                    self.track(tracker, history)
+                if self.stop.is_set():
+                    logger.info(f"stopped ({self.stop.reason}) at global step {tracker.global_step}")
+                    return 130
+                return self.finish(tracker, history)
+        finally:
+            if self.checkpointer is not None:
+                self.checkpointer.shutdown(timeout=0 if self.stop.is_set() else 10)
+            self.dht.shutdown()
 
+    def track(self, tracker: SwarmTracker, history) -> None:
+        """Follow the swarm until the run's last step (or a stop), checkpointing every N steps."""
+        every = self.config.checkpoint.every_steps
+        next_checkpoint = (tracker.global_step // every + 1) * every
+        last_publish = last_peers = time.monotonic()
+        while not self.stop.is_set():
+            self.record_steps(tracker, history)
+            if tracker.global_step >= self.stop_at:
+                return
+            if tracker.global_step >= next_checkpoint and self.checkpointer.start(tracker.global_step, self.stop.requested):
+                next_checkpoint = (tracker.global_step // every + 1) * every
+            self.note_checkpoint()
+            if time.monotonic() - last_publish > REPUBLISH_PERIOD:
+                self.publish()
+                last_publish = time.monotonic()
+            if time.monotonic() - last_peers > KNOWN_PEERS_PERIOD:
+                peers = connected_peer_maddrs(self.dht)  # to find the swarm again after a restart
+                if peers:
+                    self.state.remember(peers=peers)
+                last_peers = time.monotonic()
+            self.stop.wait(1.0)
 
-def _checkpoint_budget(checkpointer: Checkpointer) -> float:
-    """How long a running checkpoint may take: its downloads, plus time to write."""
-    return 3 * (checkpointer.config.averaging.load_state_timeout + 2.0) + 60.0
-
-
-def _finish_run(
-    dht, identity, checkpointer: Checkpointer, tracker: SwarmTracker, history, status: RunStatus, stop_at: int, stop
-) -> int:
-    """Final checkpoint, then announce the end and give the peers time to leave."""
-    logger.info(f"the run reached step {tracker.global_step}: writing the final checkpoint")
-    deadline = time.monotonic() + 30.0
-    while tracker.logged_until < stop_at and time.monotonic() < deadline and not stop.is_set():
-        _record_steps(tracker, history)  # the last steps, as the remaining peers report them
-        stop.wait(0.5)
-    budget = time.monotonic() + _checkpoint_budget(checkpointer)
-    while checkpointer.busy and time.monotonic() < budget and not stop.is_set():
-        checkpointer.wait(timeout=1.0)  # a periodic checkpoint still running
-    saved = checkpointer.save(stop_at, attempts=5, stop=stop.requested)
-    if saved is None and checkpointer.latest is None:
-        logger.error("the run ended without a checkpoint: no peer served its state")
-    final = saved or checkpointer.latest
-    finished = RunStatus(
-        status.run_id,
-        status.config_sha256,
-        stop_at=stop_at,
-        finished=True,
-        final_step=tracker.global_step,
-        checkpoint_step=final.step if final else None,
-    )
-    publish_status(dht, identity.public_key, identity.peer_id, finished)
-    logger.info(f"run finished at step {tracker.global_step}; final checkpoint: {final.path if final else 'none'}")
-    deadline = time.monotonic() + PEERS_LEAVE_GRACE
-    while time.monotonic() < deadline and not stop.is_set():
-        tracker.poll()
-        if not tracker.alive:
-            break
-        stop.wait(1.0)
-    return 0
+    def finish(self, tracker: SwarmTracker, history) -> int:
+        """Final checkpoint, then announce the end and give the peers time to leave."""
+        stop_at, checkpointer = self.stop_at, self.checkpointer
+        logger.info(f"the run reached step {tracker.global_step}: writing the final checkpoint")
+        deadline = time.monotonic() + LAST_STEPS_GRACE
+        while tracker.logged_until < stop_at and time.monotonic() < deadline and not self.stop.is_set():
+            self.record_steps(tracker, history)  # the last steps, as the remaining peers report them
+            self.stop.wait(0.5)
+        budget = time.monotonic() + 3 * (self.config.averaging.load_state_timeout + 2.0) + 60.0
+        while checkpointer.busy and time.monotonic() < budget and not self.stop.is_set():
+            checkpointer.wait(timeout=1.0)  # a periodic checkpoint still running
+        latest = checkpointer.latest
+        saved = latest if latest is not None and latest.step >= stop_at else None
+        if saved is None:
+            saved = checkpointer.save(stop_at, attempts=5, stop=self.stop.requested)
+        if saved is None and checkpointer.latest is None:
+            logger.error("the run ended without a checkpoint: no peer served its state")
+        final = saved or checkpointer.latest
+        self.status = dataclasses.replace(
+            self.status, finished=True, final_step=tracker.global_step, checkpoint_step=final.step if final else None
+        )
+        publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
+        logger.info(f"run finished at step {tracker.global_step}; final checkpoint: {final.path if final else 'none'}")
+        deadline = time.monotonic() + PEERS_LEAVE_GRACE
+        while time.monotonic() < deadline and not self.stop.is_set():
+            tracker.poll()
+            if not tracker.alive:
+                break
+            self.stop.wait(1.0)
+        return 0

@@ -46,9 +46,10 @@ class StepRecord:
 
 
 class SwarmTracker:
-    def __init__(self, dht: hivemind.DHT, run_id: str, last_step: int, start_step: int = 0):
-        """``last_step``: the run's final global step; a record claiming more is ignored."""
-        self.dht, self.run_id, self.last_step = dht, run_id, last_step
+    def __init__(self, dht: hivemind.DHT, prefix: str, last_step: int, start_step: int = 0):
+        """``prefix``: the swarm's DHT prefix; ``last_step``: the run's final global step (a record
+        claiming more is ignored); ``start_step``: the last step already recorded (on a restart)."""
+        self.dht, self.prefix, self.last_step = dht, prefix, last_step
         self.logged_until = start_step
         self.global_step = start_step
         self.alive: dict[str, PeerMetrics] = {}
@@ -62,7 +63,7 @@ class SwarmTracker:
         return sum(self.peer_samples.values())
 
     def poll(self) -> list[StepRecord]:
-        metrics, dropped = fetch_metrics(self.dht, self.run_id)
+        metrics, dropped = fetch_metrics(self.dht, self.prefix)
         for peer in dropped:
             if peer not in self._warned:
                 self._warned.add(peer)

@@ -8,6 +8,8 @@ A checkpoint is a directory ``<root>/step-NNNNNN/`` holding:
 - ``trainer_state.json`` — global step, run id, run config and its hash, tokenizer hash, param groups;
 - ``MANIFEST.json`` — every other file with its size and sha256, written last.
 
+The newest ``keep_last`` checkpoints are kept, plus any an organiser pins (``touch DIR/PINNED``).
+
 Contract of :func:`write_checkpoint`: the directory appears under its final name only complete
 (written in a temporary directory, every file fsynced, then renamed), and ``<root>/latest`` names it
 only after that. A crash at any point leaves either the previous checkpoint or the new one, never a
@@ -39,6 +41,7 @@ MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 LATEST = "latest"
+PINNED = "PINNED"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 
@@ -270,10 +273,17 @@ def latest_valid_checkpoint(root: str | Path) -> Optional[CheckpointInfo]:
     return None
 
 
+def is_pinned(path: Path) -> bool:
+    """An organiser keeps a checkpoint forever by creating a file named ``PINNED`` in it."""
+    return (path / PINNED).exists()
+
+
 def prune(root: str | Path, keep_last: int) -> None:
-    """Remove all but the newest ``keep_last`` checkpoints, and leftovers of interrupted writes."""
+    """Remove all but the newest ``keep_last`` checkpoints (pinned ones stay, and do not count), and
+    leftovers of interrupted writes."""
     root = Path(root)
-    for path in list_checkpoints(root)[:-keep_last]:
+    unpinned = [path for path in list_checkpoints(root) if not is_pinned(path)]
+    for path in unpinned[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
     for path in root.iterdir():
         if path.name.startswith(TMP_PREFIX):

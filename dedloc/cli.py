@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--workdir", type=Path, help="directory for checkpoints, logs, summary.json (default: a new one)")
     swarm.add_argument("--config", type=Path, help="run configuration (default: the embedded default run)")
     swarm.add_argument("--timeout", type=_positive_float, default=1800.0, help="give up after this many seconds (default: 1800)")
+    export = sub.add_parser(
+        "export", parents=[common], help="write a checkpoint as a plain Hugging Face model directory",
+        description="Verify a checkpoint and write model + tokenizer + model card to OUT_DIR "
+        "(ready for from_pretrained or push_to_hub).",
+    )
+    export.add_argument("checkpoint", type=Path, help="a checkpoint, a checkpoints directory or a coordinator state directory")
+    export.add_argument("out_dir", type=Path, help="new (or empty) output directory")
     return parser
 
 
@@ -190,6 +197,12 @@ def _run(args: argparse.Namespace) -> int:
                 log_level=args.log_level,
             )
         )
+    if args.command == "export":
+        from dedloc.export import export_checkpoint
+
+        info = export_checkpoint(args.checkpoint, args.out_dir)
+        print(f"exported step {info.step} of run '{info.trainer_state.get('run_id', '?')}' ({info.path}) to {args.out_dir}")
+        return 0
     raise AssertionError(args.command)
 
 

@@ -175,8 +175,8 @@ class CheckpointSection(_Section):
 class RunConfig(_Section):
     """One training run. Load it with :func:`load_run_config`; the TOML layout mirrors the fields."""
 
-    run_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    """Name of the run; peers of different runs on one DHT never mix."""
+    run_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    """Name of the run (letters, digits, ``-`` and ``_``); peers of different runs on one DHT never mix."""
     model: ModelSection = ModelSection()
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()

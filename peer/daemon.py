@@ -107,7 +107,7 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
             f"{manifest.tokenizer_sha256[:12]}): target batch {config.training.target_batch_size}, "
             f"micro-batch {micro_batch}, total steps {config.training.total_steps}"
         )
-        dht.add_validators([metrics_validator(config.run_id)])
+        dht.add_validators([metrics_validator(manifest.swarm_prefix)])
         cache_dir = options.workdir / "cache" if options.workdir else None
         task = build_peer_task(
             config,
@@ -119,10 +119,12 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         )
         if stop.is_set():
             return 130
-        optimizer = build_optimizer(dht, config, task.model, micro_batch, verbose=options.log_level == "debug")
+        optimizer = build_optimizer(
+            dht, config, manifest.swarm_prefix, task.model, micro_batch, verbose=options.log_level == "debug"
+        )
         logger.info(f"ready to train after {time.monotonic() - started:.1f} s")
         trainer = PeerTrainer(
-            dht, identity, config, manifest.config_sha256, join.coordinator_id, task, optimizer, micro_batch, stop,
+            dht, identity, manifest, join.coordinator_id, task, optimizer, micro_batch, stop,
             volunteer=options.volunteer,
         )
         try:

@@ -22,7 +22,16 @@ from hivemind.p2p import PeerID
 from dedloc.config import RunConfig
 from dedloc.lifecycle import GracefulExit
 from dedloc.swarm.identity import Identity
-from dedloc.swarm.records import PeerMetrics, RunStatus, fetch_metrics, fetch_status, publish_metrics
+from dedloc.errors import IncompatibleSwarmError
+from dedloc.swarm.records import (
+    PeerMetrics,
+    RunManifest,
+    RunStatus,
+    describe_mismatch,
+    fetch_metrics,
+    fetch_status,
+    publish_metrics,
+)
 from dedloc.task.build import PeerTask
 
 logger = logging.getLogger(__name__)
@@ -73,8 +82,7 @@ class PeerTrainer:
         self,
         dht: hivemind.DHT,
         identity: Identity,
-        config: RunConfig,
-        config_sha256: str,
+        manifest: RunManifest,
         coordinator_id: PeerID,
         task: PeerTask,
         optimizer: hivemind.Optimizer,
@@ -83,8 +91,9 @@ class PeerTrainer:
         volunteer: Optional[str] = None,
         end_grace: float = 120.0,
     ):
-        self.dht, self.identity, self.config = dht, identity, config
-        self.config_sha256 = config_sha256
+        self.dht, self.identity, self.manifest = dht, identity, manifest
+        self.config: RunConfig = manifest.config
+        self.prefix = manifest.swarm_prefix
         self.task, self.opt, self.micro_batch_size = task, optimizer, micro_batch_size
         self.stop, self.volunteer, self.end_grace = stop, volunteer, end_grace
         self.watcher = RunStatusWatcher(dht, coordinator_id)
@@ -105,6 +114,11 @@ class PeerTrainer:
         status = self.watcher.status
         return status is not None and status.finished
 
+    def run_changed(self) -> Optional[str]:
+        """What differs, if the coordinator now runs another config or tokenizer than this peer."""
+        status = self.watcher.status
+        return None if status is None else describe_mismatch(self.manifest, status)
+
     def publish(self, step_loss: Optional[float], mini_steps: int) -> None:
         """Publish this peer's metrics in the background; a diverged loss is sent as unknown."""
         if step_loss is not None and not (math.isfinite(step_loss) and 0.0 <= step_loss <= 1e4):
@@ -121,13 +135,13 @@ class PeerTrainer:
             device="cpu",
             client_mode=bool(self.dht.client_mode),
         )
-        publish_metrics(self.dht, self.config.run_id, self.identity.public_key, metrics)
+        publish_metrics(self.dht, self.prefix, self.identity.public_key, metrics)
         self._last_publish = time.monotonic()
 
     def say_goodbye(self, timeout: float = 5.0) -> None:
         """Withdraw this peer's metrics so the coordinator stops counting it at once (best effort)."""
         try:
-            publish_metrics(self.dht, self.config.run_id, self.identity.public_key, None).result(timeout)
+            publish_metrics(self.dht, self.prefix, self.identity.public_key, None).result(timeout)
         except Exception as e:  # the DHT may be gone already; the record then simply expires
             logger.debug(f"goodbye failed: {e!r}")
 
@@ -139,7 +153,7 @@ class PeerTrainer:
         announced = False
         while not self.stop.is_set():
             self.publish(None, 0)
-            records, _ = fetch_metrics(self.dht, self.config.run_id)
+            records, _ = fetch_metrics(self.dht, self.prefix)
             online = [m for m in records.values() if time.time() - m.time < ONLINE_WINDOW]
             self.peers_at_start = max(len(online), 1)
             if len(online) >= wanted:
@@ -153,9 +167,12 @@ class PeerTrainer:
             self.stop.wait(1.0)
 
     def sync_with_swarm(self) -> None:
-        """Download the current state if the swarm is ahead of this peer (a late joiner)."""
+        """Download the current state if the swarm — or the coordinator's newest checkpoint, when every
+        peer had left — is ahead of this peer."""
         self.opt.tracker.fetched_global_progress_this_epoch.wait(timeout=10)
-        global_step = self.opt.tracker.global_epoch
+        status = fetch_status(self.dht, self.watcher.coordinator_id)
+        checkpoint_step = status.checkpoint_step if status is not None and not describe_mismatch(self.manifest, status) else None
+        global_step = max(self.opt.tracker.global_epoch, checkpoint_step or 0)
         if global_step > self.opt.local_epoch:
             started = time.monotonic()
             logger.info(f"the swarm is at step {global_step}: downloading its state")
@@ -198,7 +215,12 @@ class PeerTrainer:
         epoch = opt.local_epoch
         first_round_deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
         waited_for_first_round = False
-        while not self.stop.is_set() and not self.run_finished() and opt.local_epoch < self.stop_at():
+        while (
+            not self.stop.is_set()
+            and not self.run_finished()
+            and not self.run_changed()
+            and opt.local_epoch < self.stop_at()
+        ):
             batch = next(batches)
             loss = model(**batch).loss
             loss.backward()
@@ -224,6 +246,8 @@ class PeerTrainer:
     def final_sync(self) -> None:
         """One last synchronous state-averaging round with the peers still here, so that every peer —
         and the checkpoint the coordinator takes from any of them — ends the run with the same parameters."""
+        if self.opt.tracker.global_progress.num_peers < 2:
+            return  # alone: nobody to agree with
         try:
             self.opt.state_averager.step(wait_for_delayed_updates=True)
             self.opt.state_averager.step(
@@ -236,7 +260,7 @@ class PeerTrainer:
 
     def wait_for_end(self) -> None:
         """After the last step: keep serving state until the coordinator has its final checkpoint."""
-        if self.stop.is_set() or self.run_finished():
+        if self.stop.is_set() or self.run_finished() or self.run_changed():
             return
         logger.info(f"reached step {self.opt.local_epoch}, the end of the run: waiting for the coordinator's final checkpoint")
         deadline = time.monotonic() + self.end_grace
@@ -259,6 +283,12 @@ class PeerTrainer:
         finally:
             self.watcher.stop()
         status = self.watcher.status
+        changed = self.run_changed()
+        if changed:
+            raise IncompatibleSwarmError(
+                f"the coordinator now runs a different run ({changed}); this peer stopped without averaging "
+                "with it. Start it again to join the new run."
+            )
         if self.stop.is_set():
             logger.info(f"stopped at step {self.opt.local_epoch} ({self.stop.reason}); contributed {self.samples_contributed} samples")
         elif status is not None and status.finished:

@@ -125,3 +125,13 @@ def test_steps_sort_numerically(tmp_path, parts):
     for step in (999_999, 1_000_000):
         write_checkpoint(tmp_path, step, model, tokenizer, None, {}, keep_last=1)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1000000"]
+
+
+def test_pinned_checkpoints_survive_pruning(tmp_path, parts):
+    model, tokenizer, optimizer = parts
+    pinned = write_checkpoint(tmp_path, 1, model, tokenizer, None, {})
+    (pinned / "PINNED").touch()
+    for step in (2, 3, 4):
+        write_checkpoint(tmp_path, step, model, tokenizer, None, {}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000003", "step-000004"]
+    assert load_checkpoint(pinned).step == 1  # the marker does not break verification

@@ -115,7 +115,7 @@ def test_records_travel_signed_between_nodes(nodes):
     assert not forger.store(manifest_key(coordinator_id.peer_id), subkey=owner_subkey(coordinator_id.public_key),
                             value=forged.to_record(), expiration_time=time.time() + 60)
 
-    status = RunStatus("dedloc-embedded", fetched.config_sha256, stop_at=5, finished=False)
+    status = RunStatus("dedloc-embedded", fetched.config_sha256, fetched.tokenizer_sha256, stop_at=5, finished=False)
     assert publish_status(coordinator, coordinator_id.public_key, coordinator_id.peer_id, status)
     assert fetch_status(peer, coordinator_id.peer_id) == status
 

@@ -134,3 +134,26 @@ def _make_command_pipe_blocking(dht: hivemind.DHT) -> None:
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     """The full multiaddrs (with ``/p2p/<id>``) others can use to join through this node."""
     return [str(m) for m in dht.get_visible_maddrs(latest=True)]
+
+
+async def _connected_peer_maddrs(dht: hivemind.DHT, node) -> list[str]:
+    """Runs inside the DHT process: full multiaddrs of the peers p2pd is connected to."""
+    return [f"{addr}/p2p/{info.peer_id.to_base58()}" for info in await node.p2p.list_peers() for addr in info.addrs]
+
+
+def connected_peer_maddrs(dht: hivemind.DHT, timeout: float = 5.0) -> list[str]:
+    """Addresses of the peers this node is connected to now (empty if the DHT does not answer in time)."""
+    try:
+        return list(dht.run_coroutine(_connected_peer_maddrs, return_future=True).result(timeout))
+    except Exception as e:
+        logger.debug(f"cannot list connected peers: {e!r}")
+        return []
+
+
+def tcp_port(maddrs: Sequence[str]) -> Optional[int]:
+    """The TCP port in the first address that has one."""
+    for maddr in maddrs:
+        found = re.search(r"/tcp/(\d+)", maddr)
+        if found:
+            return int(found.group(1))
+    return None

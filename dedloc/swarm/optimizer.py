@@ -53,15 +53,21 @@ def make_compression(name: Compression) -> CompressionBase:
     }[name]()
 
 
-def state_averager_prefix(config: RunConfig) -> str:
+def state_averager_prefix(prefix: str) -> str:
     """DHT prefix under which peers share state (must match what ``hivemind.Optimizer`` uses)."""
-    return f"{config.run_id}_state_averager"
+    return f"{prefix}_state_averager"
 
 
 def build_optimizer(
-    dht: hivemind.DHT, config: RunConfig, model: torch.nn.Module, micro_batch_size: int, verbose: bool = False
+    dht: hivemind.DHT,
+    config: RunConfig,
+    prefix: str,
+    model: torch.nn.Module,
+    micro_batch_size: int,
+    verbose: bool = False,
 ) -> hivemind.Optimizer:
-    """A ``hivemind.Optimizer`` for ``model``: every ``step()`` adds ``micro_batch_size`` samples.
+    """A ``hivemind.Optimizer`` for ``model`` under the swarm's ``prefix`` (see
+    :attr:`RunManifest.swarm_prefix`): every ``step()`` adds ``micro_batch_size`` samples.
 
     Client mode comes from the DHT (hivemind's Optimizer ignores its own ``client_mode`` argument
     when it is set, see ``client_mode if client_mode is None else dht.client_mode`` in hivemind 1.1.12).
@@ -74,7 +80,7 @@ def build_optimizer(
     with _keeping_sigint_handler():
         return hivemind.Optimizer(
             dht=dht,
-            run_id=config.run_id,
+            run_id=prefix,
             target_batch_size=config.training.target_batch_size,
             batch_size_per_step=micro_batch_size,
             params=model.parameters(),
@@ -93,26 +99,42 @@ def build_optimizer(
 
 
 class StateReader:
-    """Downloads the swarm's current training state into a local model + optimizer.
+    """Holds a copy of the swarm's training state (model + optimizer + global step): downloads it from
+    peers, and serves it to peers once it holds a real one (:meth:`share`).
 
-    It joins no averaging group and shares no state of its own (``allow_state_sharing=False``), so a
-    newcomer never mistakes the reader's copy for the swarm's.
+    It never joins an averaging group. Its copy is offered with a priority just below its step, so a
+    newcomer downloads from a live peer at the same step or later whenever there is one, and from the
+    reader only when no peer is as far along — e.g. after every peer has left and the coordinator
+    restarted from a checkpoint.
     """
 
-    def __init__(self, dht: hivemind.DHT, config: RunConfig, model: torch.nn.Module):
+    def __init__(self, dht: hivemind.DHT, config: RunConfig, prefix: str, model: torch.nn.Module):
         self.model = model
         with _keeping_sigint_handler():
             self.averager = TrainingStateAverager(
                 dht=dht,
-                prefix=state_averager_prefix(config),
+                prefix=state_averager_prefix(prefix),
                 optimizer=optimizer_factory(config.optimizer),
                 params=model.parameters(),
                 scheduler=scheduler_factory(config.optimizer, config.training.total_steps),
                 initialize_optimizer=True,
-                client_mode=True,
+                client_mode=False,
                 allow_state_sharing=False,
                 start=True,
             )
+
+    def share(self) -> None:
+        """Offer the state held now to peers that download state (priority: its step − ½)."""
+        self.averager.allow_state_sharing = True
+        self.averager.state_sharing_priority = self.averager.local_epoch - 0.5
+
+    def load(self, model_state: dict, optimizer_state: Optional[dict], step: int) -> None:
+        """Hold the given state (from a checkpoint) as the state of global ``step``."""
+        with torch.no_grad():
+            self.model.load_state_dict(model_state)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.averager.local_epoch = step
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -48,6 +48,10 @@ MANIFEST_EXPIRATION = 3600.0
 METRICS_EXPIRATION = 120.0
 
 
+def swarm_prefix(run_id: str, config_sha256: str, tokenizer_sha256: str) -> str:
+    return f"{run_id}-{config_sha256[:10]}-{tokenizer_sha256[:10]}-v{PROTOCOL_VERSION}"  # hivemind forbids "."
+
+
 def coordinator_prefix(coordinator_id: PeerID) -> str:
     return f"dedloc_{coordinator_id.to_base58()}"
 
@@ -64,8 +68,8 @@ def status_key(coordinator_id: PeerID) -> str:
     return f"{coordinator_prefix(coordinator_id)}_status"
 
 
-def metrics_key(run_id: str) -> str:
-    return f"{run_id}_metrics"
+def metrics_key(prefix: str) -> str:
+    return f"{prefix}_metrics"
 
 
 def owner_subkey(public_key: RSAPublicKey) -> bytes:
@@ -108,6 +112,12 @@ class RunManifest:
     @classmethod
     def create(cls, config: RunConfig, tokenizer_json: str) -> "RunManifest":
         return cls(config, tokenizer_json, config.sha256(), tokenizer_sha256(tokenizer_json), time.time())
+
+    @property
+    def swarm_prefix(self) -> str:
+        """Prefix of every DHT key and averaging group of this run: run id, config and tokenizer hashes
+        and protocol version. Peers that differ in any of them never average together."""
+        return swarm_prefix(self.config.run_id, self.config_sha256, self.tokenizer_sha256)
 
     def tokenizer_chunks(self) -> list[bytes]:
         packed = zlib.compress(self.tokenizer_json.encode(), 9)
@@ -261,11 +271,14 @@ def fetch_manifest(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 1
 
 @dataclass(frozen=True)
 class RunStatus:
-    """``stop_at``: global step at which peers stop contributing (None: the run's total steps).
-    ``finished``: the coordinator has written the final checkpoint; peers may leave."""
+    """The coordinator's word on the run: which config and tokenizer it runs (a peer running others
+    must leave), ``stop_at`` — the global step at which peers stop contributing (None: the run's total
+    steps), ``finished`` — the final checkpoint is written and peers may leave — and the newest
+    checkpoint's step."""
 
     run_id: str
     config_sha256: str
+    tokenizer_sha256: str
     stop_at: Optional[int]
     finished: bool
     final_step: Optional[int] = None
@@ -276,6 +289,7 @@ class RunStatus:
             protocol=PROTOCOL_VERSION,
             run_id=self.run_id,
             config_sha256=self.config_sha256,
+            tokenizer_sha256=self.tokenizer_sha256,
             stop_at=self.stop_at,
             finished=self.finished,
             final_step=self.final_step,
@@ -288,6 +302,7 @@ class _StatusRecord(pydantic.BaseModel):
     protocol: int
     run_id: str = pydantic.Field(max_length=64)
     config_sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
+    tokenizer_sha256: str = pydantic.Field(pattern=r"^[0-9a-f]{64}$")
     stop_at: Optional[int] = pydantic.Field(None, ge=0)
     finished: bool
     final_step: Optional[int] = pydantic.Field(None, ge=0)
@@ -348,15 +363,15 @@ class MetricsSchema(pydantic_v1.BaseModel):
     metrics: Dict[BytesWithPublicKey, Optional[PeerMetrics]]
 
 
-def metrics_validator(run_id: str) -> SchemaValidator:
-    return SchemaValidator(MetricsSchema, prefix=run_id)
+def metrics_validator(prefix: str) -> SchemaValidator:
+    return SchemaValidator(MetricsSchema, prefix=prefix)
 
 
-def publish_metrics(dht: hivemind.DHT, run_id: str, public_key: RSAPublicKey, metrics: Optional[PeerMetrics]):
+def publish_metrics(dht: hivemind.DHT, prefix: str, public_key: RSAPublicKey, metrics: Optional[PeerMetrics]):
     """Store this peer's metrics (None: withdraw them) without waiting — a slow store never stalls
     training; returns the future."""
     return dht.store(
-        metrics_key(run_id),
+        metrics_key(prefix),
         subkey=owner_subkey(public_key),
         value=None if metrics is None else metrics.dict(),
         expiration_time=get_dht_time() + METRICS_EXPIRATION,
@@ -364,12 +379,12 @@ def publish_metrics(dht: hivemind.DHT, run_id: str, public_key: RSAPublicKey, me
     )
 
 
-def fetch_metrics(dht: hivemind.DHT, run_id: str, timeout: float = 10.0) -> tuple[dict[str, PeerMetrics], list[str]]:
+def fetch_metrics(dht: hivemind.DHT, prefix: str, timeout: float = 10.0) -> tuple[dict[str, PeerMetrics], list[str]]:
     """Live metrics by peer id, plus the ids (or subkeys) of records that were dropped as malformed.
 
     A record counts only if its ``peer_id`` is the peer id of the key that signed it.
     """
-    found = _get(dht, metrics_key(run_id), timeout)
+    found = _get(dht, metrics_key(prefix), timeout)
     metrics: dict[str, PeerMetrics] = {}
     dropped: list[str] = []
     if found is None or not isinstance(found.value, dict):
@@ -389,3 +404,15 @@ def fetch_metrics(dht: hivemind.DHT, run_id: str, timeout: float = 10.0) -> tupl
             continue
         metrics[record.peer_id] = record
     return metrics, dropped
+
+
+def describe_mismatch(manifest: RunManifest, status: RunStatus) -> Optional[str]:
+    """What differs between the run a peer trains and the run the coordinator now announces, if anything."""
+    differences = []
+    if status.config_sha256 != manifest.config_sha256:
+        differences.append(f"run config {manifest.config_sha256[:12]} → {status.config_sha256[:12]}")
+    if status.tokenizer_sha256 != manifest.tokenizer_sha256:
+        differences.append(f"tokenizer {manifest.tokenizer_sha256[:12]} → {status.tokenizer_sha256[:12]}")
+    if status.run_id != manifest.config.run_id:
+        differences.append(f"run id {manifest.config.run_id} → {status.run_id}")
+    return ", ".join(differences) or None

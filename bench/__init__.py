@@ -1,0 +1,1 @@
+"""Benchmarks and measurements (commands that print tables); their short versions run in the tests."""
