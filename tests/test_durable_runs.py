@@ -129,3 +129,43 @@ def test_peer_of_an_older_config_leaves_with_a_reason(tmp_path, procs):
     assert peer.poll() == 2
     log = peer.log_path.read_text()
     assert "the coordinator now runs a different run (run config" in log and "Traceback" not in log
+
+
+def test_coordinator_restarts_under_a_training_swarm(tmp_path, procs):
+    """The coordinator's machine dies while a peer trains; restarted, it finds the swarm again, keeps its
+    address and follows the run from where the peer is, without repeating or losing recorded steps."""
+    config = small_run_config(tmp_path / "run.toml", training={"total_steps": 14, "min_peers": 1})
+    state = tmp_path / "coordinator"
+    coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(state), name="coordinator-1")
+    join = join_addresses(state, coordinator)
+    peer = procs.dedloc("peer", "--join", *join)
+    wait_for(lambda: (state / "network.json").is_file() and "peers" in (state / "network.json").read_text()
+             and len(list_checkpoints(state / "checkpoints")) >= 1, 180, "a checkpoint and a remembered peer",
+             watch=[coordinator, peer])
+    coordinator.signal_group(signal.SIGKILL)
+    wait_for(lambda: not coordinator.group_alive(), 20, "the coordinator to vanish")
+    recorded = [r["step"] for r in read_history(state)]
+    (state / "coordinator.json").unlink()
+    coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(state), name="coordinator-2")
+    assert join_addresses(state, coordinator) == join
+    for child in (coordinator, peer):
+        wait_for(lambda: child.poll() is not None, 240, f"{child.name} to finish", watch=[coordinator, peer])
+        assert child.poll() == 0, child.log_tail(30)
+    steps = [r["step"] for r in read_history(state)]
+    assert steps[: len(recorded)] == recorded and steps == sorted(set(steps)) and steps[-1] == 14
+    assert latest_valid_checkpoint(state / "checkpoints").step == 14
+
+
+def test_unwritable_checkpoint_directory_does_not_stop_tracking(tmp_path, procs):
+    config = small_run_config(tmp_path / "run.toml", training={"total_steps": 4, "min_peers": 1})
+    state = tmp_path / "coordinator"
+    state.mkdir()
+    (state / "checkpoints").write_text("a file where the checkpoint directory should be")
+    coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(state))
+    peer = procs.dedloc("peer", "--join", *join_addresses(state, coordinator))
+    for child in (coordinator, peer):
+        wait_for(lambda: child.poll() is not None, 200, f"{child.name} to finish", watch=[coordinator, peer])
+    log = coordinator.log_path.read_text()
+    assert "cannot write a checkpoint" in log and "Traceback" not in log
+    assert [r["step"] for r in read_history(state)] == [1, 2, 3, 4], "tracking stopped"
+    assert (state / "checkpoints").read_text().startswith("a file"), "the path in the way was touched"
