@@ -17,12 +17,14 @@ from typing import Optional
 
 import hivemind
 import torch
+from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
 
 from dedloc.config import RunConfig
+from dedloc.errors import IncompatibleSwarmError
 from dedloc.lifecycle import GracefulExit
 from dedloc.swarm.identity import Identity
-from dedloc.errors import IncompatibleSwarmError
 from dedloc.swarm.records import (
     PeerMetrics,
     RunManifest,
@@ -30,6 +32,7 @@ from dedloc.swarm.records import (
     describe_mismatch,
     fetch_metrics,
     fetch_status,
+    owner_subkey,
     publish_metrics,
 )
 from dedloc.task.build import PeerTask
@@ -100,6 +103,7 @@ class PeerTrainer:
         self.peer_id = identity.peer_id.to_base58()
         self.samples_contributed = 0
         self.peers_at_start = 1
+        self.others_at_sync = 0
         self.last_loss: Optional[float] = None
         self._last_publish = 0.0
 
@@ -170,6 +174,7 @@ class PeerTrainer:
         """Download the current state if the swarm — or the coordinator's newest checkpoint, when every
         peer had left — is ahead of this peer."""
         self.opt.tracker.fetched_global_progress_this_epoch.wait(timeout=10)
+        self.others_at_sync = self.opt.tracker.global_progress.num_peers  # records of others: mine is not out yet
         status = fetch_status(self.dht, self.watcher.coordinator_id)
         checkpoint_step = status.checkpoint_step if status is not None and not describe_mismatch(self.manifest, status) else None
         global_step = max(self.opt.tracker.global_epoch, checkpoint_step or 0)
@@ -179,22 +184,47 @@ class PeerTrainer:
             self.opt.load_state_from_peers()
             logger.info(f"state downloaded in {time.monotonic() - started:.1f} s: now at step {self.opt.local_epoch}")
 
-    def wait_for_first_round(self, deadline: float) -> None:
-        """Hold this peer's first global step until hivemind's progress tracker sees the peers that
-        were online when it joined (at least ``min_peers``).
+    def announce_to_tracker(self) -> None:
+        """Publish this peer in hivemind's progress records (0 samples at its current step).
 
-        hivemind averages only with peers its tracker has seen (and averages state only when it sees
-        others), and a peer publishes its progress only after its first micro-batch. Without this wait,
-        peers that start together each take the first step alone (hivemind: "there are no other peers")
-        and drift apart, and a late joiner skips the state-averaging round the others wait for.
+        hivemind's tracker publishes a peer only once it has accumulated samples, and counts the swarm
+        from those records; a peer that is not counted yet believes it is alone, so its first step —
+        which may come with its very first micro-batch when the others already have the batch — is
+        taken alone ("there are no other peers"), and it skips the state averaging the others wait for.
         """
-        wanted = max(self.config.training.min_peers, self.peers_at_start)
-        start_epoch = self.opt.local_epoch
+        tracker = self.opt.tracker
+        progress = LocalTrainingProgress(
+            peer_id=self.dht.peer_id.to_bytes(),
+            epoch=self.opt.local_epoch,
+            samples_accumulated=0,
+            samples_per_second=0.0,
+            time=get_dht_time(),
+            client_mode=bool(tracker.client_mode),
+        )
+        try:
+            self.dht.store(
+                tracker.training_progress_key,
+                subkey=owner_subkey(self.identity.public_key),
+                value=progress.dict(),
+                expiration_time=get_dht_time() + tracker.metadata_expiration,
+                return_future=True,
+            ).result(10)
+        except Exception as e:
+            logger.debug(f"could not announce this peer to the progress tracker: {e!r}")
+
+    def wait_for_first_round(self) -> None:
+        """Before contributing, wait until hivemind's tracker counts every peer this peer knows of
+        (at least ``min_peers``, itself included), so its first step is taken together with them."""
+        wanted = max(self.config.training.min_peers, self.peers_at_start, self.others_at_sync + 1)
+        if wanted <= 1:
+            return
+        self.announce_to_tracker()
+        deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
         while not self.stop.is_set() and time.monotonic() < deadline:
-            if self.opt.tracker.global_progress.num_peers >= wanted or self.opt.local_epoch > start_epoch:
+            if self.opt.tracker.global_progress.num_peers >= wanted:
                 return
             self.stop.wait(0.2)
-        if not self.stop.is_set() and self.opt.tracker.global_progress.num_peers < wanted:
+        if not self.stop.is_set():
             logger.warning(f"hivemind sees {self.opt.tracker.global_progress.num_peers} of {wanted} peers; starting anyway")
 
     def log_step(self, stats: StepStats) -> None:
@@ -213,8 +243,7 @@ class PeerTrainer:
         batches = iter(self.task.stream)
         stats = StepStats()
         epoch = opt.local_epoch
-        first_round_deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
-        waited_for_first_round = False
+        self.wait_for_first_round()
         while (
             not self.stop.is_set()
             and not self.run_finished()
@@ -225,9 +254,6 @@ class PeerTrainer:
             loss = model(**batch).loss
             loss.backward()
             stats.losses.append(float(loss.detach()))
-            if not waited_for_first_round and stats.losses[1:]:  # my progress is published by now
-                self.wait_for_first_round(first_round_deadline)
-                waited_for_first_round = True
             opt.step()
             opt.zero_grad(set_to_none=False)
             stats.samples += self.micro_batch_size
