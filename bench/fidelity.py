@@ -31,15 +31,14 @@ from typing import Optional
 
 import torch
 from hivemind.optim.state_averager import initialize_optimizer_state_
-from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
+from transformers import AutoModelForMaskedLM
 
 from dedloc.checkpoint import list_checkpoints, load_checkpoint
 from dedloc.config import RunConfig, default_run_config, load_run_config
-from dedloc.task import data as data_lib
 from dedloc.task.build import build_peer_task, hf_tokenizer
+from dedloc.task.evaluation import evaluate, heldout_set
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
-EVAL_MASK_SEED = 1234
 RELATIVE_TOLERANCE = 0.03
 
 
@@ -90,34 +89,6 @@ class FidelityResult:
             f"± {self.single_std[-1]:.4f}; gap {self.gap:.4f}, tolerance {self.tolerance:.4f} → {verdict}"
         )
         return "\n".join(lines)
-
-
-def heldout_batches(config: RunConfig, tokenizer, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
-    """The held-out documents as masked-LM batches with fixed masks (identical for every model)."""
-    texts = data_lib.split_texts(data_lib.load_text_dataset(config.data), config.data, heldout=True)
-    blocks = data_lib.tokenize_to_blocks(texts, tokenizer, config.data)
-    collator = DataCollatorForLanguageModeling(
-        tokenizer=tokenizer, mlm=True, mlm_probability=config.data.mlm_probability, return_tensors="pt",
-        seed=EVAL_MASK_SEED,
-    )
-    examples = [{"input_ids": ids} for ids in blocks["input_ids"]]
-    if not examples:
-        raise RuntimeError("the held-out split is empty; raise [data] heldout_fraction")
-    return [collator(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
-
-
-@torch.no_grad()
-def evaluate(model, batches) -> float:
-    """Mean masked-LM loss per masked token over the held-out batches."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"]
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="sum")
-        total += float(loss)
-        count += int((labels != -100).sum())
-    return total / count
 
 
 def run_swarm(config_path: Path, peers: int, workdir: Path, timeout: float) -> Path:
@@ -175,7 +146,7 @@ def measure(
     checkpoints = run_swarm(config_path, peers, workdir / "swarm", timeout)
     swarm_s = time.monotonic() - started
     tokenizer_json = (workdir / "swarm" / "coordinator" / "tokenizer.json").read_text(encoding="utf-8")
-    batches = heldout_batches(config, hf_tokenizer(config, tokenizer_json))
+    batches = heldout_set(config, hf_tokenizer(config, tokenizer_json))
     points = {}
     for path in list_checkpoints(checkpoints):
         info = load_checkpoint(path)

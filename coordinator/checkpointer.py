@@ -3,6 +3,10 @@
 Periodic checkpoints run in a background thread so the coordinator keeps tracking meanwhile; at most
 one runs at a time. A failed download or an unwritable directory is logged and the previous
 checkpoint stays in place; the next attempt happens at the next checkpoint step.
+
+Every written checkpoint is then evaluated on the run's held-out set (fixed masks, see
+:mod:`dedloc.task.evaluation`), in the same background thread: an honest loss beside the training
+loss peers report about themselves. Results go to ``on_heldout(step, loss)``.
 """
 
 from __future__ import annotations
@@ -12,18 +16,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import hivemind
 
 from transformers import AutoModelForMaskedLM
 
-from dedloc.checkpoint import CheckpointInfo, load_optimizer_state, write_checkpoint
+from dedloc.checkpoint import CheckpointInfo, load_checkpoint, load_optimizer_state, write_checkpoint
 from dedloc.errors import UserInputError
 from dedloc.config import RunConfig
 from dedloc.swarm.optimizer import StateReader
 from dedloc.swarm.records import RunManifest
 from dedloc.task.build import hf_tokenizer
+from dedloc.task.evaluation import HeldoutSet, evaluate, heldout_set
 from dedloc.task.model import build_model
 
 logger = logging.getLogger(__name__)
@@ -37,9 +42,19 @@ class SavedCheckpoint:
 
 
 class Checkpointer:
-    def __init__(self, dht: hivemind.DHT, manifest: RunManifest, root: Path):
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        manifest: RunManifest,
+        root: Path,
+        on_heldout: Optional[Callable[[int, float], None]] = None,
+        cache_dir: Optional[Path] = None,
+    ):
         config: RunConfig = manifest.config
         self.config, self.manifest, self.root = config, manifest, root
+        self.on_heldout, self.cache_dir = on_heldout, cache_dir
+        self._heldout: Optional[HeldoutSet] = None
+        self._heldout_failed = False
         self.tokenizer = hf_tokenizer(config, manifest.tokenizer_json)
         self.model = build_model(config.model, self.tokenizer, seed=config.training.seed)
         self.reader = StateReader(dht, config, manifest.swarm_prefix, self.model)
@@ -134,7 +149,60 @@ class Checkpointer:
             self.latest = SavedCheckpoint(step=step, path=path, saved_at=time.time())
             self.reader.share()
             logger.info(f"checkpoint step={step} written to {path}")
+            self._evaluate(step, self.model)
             return self.latest
+
+    def heldout(self) -> Optional[HeldoutSet]:
+        """The held-out set, built on first use (None when disabled or the split is empty)."""
+        wanted = self.config.checkpoint.heldout_sequences
+        if self._heldout is None and wanted > 0 and not self._heldout_failed:
+            try:
+                self._heldout = heldout_set(self.config, self.tokenizer, max_sequences=wanted, cache_dir=self.cache_dir)
+            except Exception as e:
+                self._heldout_failed = True
+                logger.warning(f"no held-out evaluation for this run: {e}")
+        return self._heldout
+
+    def _evaluate(self, step: int, model) -> Optional[float]:
+        heldout = self.heldout()
+        if heldout is None:
+            return None
+        started = time.monotonic()
+        try:
+            loss = evaluate(model, heldout)
+        except Exception as e:  # an evaluation problem must never cost a checkpoint or the coordinator
+            logger.warning(f"held-out evaluation of step {step} failed: {e!r}")
+            return None
+        logger.info(
+            f"held-out loss at step {step}: {loss:.4f} ({heldout.sequences} sequences, {time.monotonic() - started:.1f} s)"
+        )
+        if self.on_heldout is not None:
+            self.on_heldout(step, loss)
+        return loss
+
+    def evaluate_saved(self, paths: Iterable[Path], skip_steps: set[int], stop: Optional[threading.Event] = None) -> None:
+        """Evaluate checkpoints already on disk whose step is not in ``skip_steps`` (e.g. after the
+        history was lost), in the background; a checkpoint that does not verify is skipped."""
+        pending = list(paths)
+        if not pending or self.config.checkpoint.heldout_sequences == 0:
+            return
+
+        def run() -> None:
+            with self._lock:
+                for path in pending:
+                    if stop is not None and stop.is_set():
+                        return
+                    try:
+                        info = load_checkpoint(path)
+                        if info.step in skip_steps:
+                            continue
+                        model = AutoModelForMaskedLM.from_pretrained(info.path)
+                    except Exception as e:
+                        logger.warning(f"cannot load checkpoint {path} for held-out evaluation: {e}")
+                        continue
+                    self._evaluate(info.step, model)
+
+        threading.Thread(target=run, name="heldout-backfill", daemon=True).start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the reader; a checkpoint still being written is given ``timeout`` seconds to finish

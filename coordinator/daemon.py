@@ -1,9 +1,10 @@
 """``dedloc coordinator``: the run's anchor.
 
 It owns a persistent identity and port in its state directory (see :mod:`.state_dir`), so the join
-command it prints stays valid across restarts; bootstraps the DHT; publishes the signed run manifest
-and status; logs one line per global step and keeps the history; writes checkpoints every N steps;
-and ends the run at its last step (final checkpoint, then "finished" for the peers).
+command it prints stays valid across restarts; bootstraps the DHT; publishes the signed run manifest,
+status and summary; logs one line per global step and keeps the history (``history.jsonl`` and the
+dashboard's store); writes checkpoints every N steps and evaluates each on the held-out set; serves
+the dashboard; and ends the run at its last step (final checkpoint, then "finished" for the peers).
 
 On a restart it resumes from its newest valid checkpoint: tracking continues from the recorded history,
 and the checkpoint is served to peers, so if every peer had left, the first to join continues from it
@@ -34,16 +35,28 @@ from dedloc.logs import setup_logging
 from dedloc.swarm.addresses import listen_maddr
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, connected_peer_maddrs, start_dht, tcp_port, visible_maddrs
-from dedloc.swarm.records import RunManifest, RunStatus, metrics_validator, publish_manifest, publish_status
+from dedloc.swarm.records import (
+    RunManifest,
+    RunStatus,
+    metrics_validator,
+    publish_manifest,
+    publish_status,
+    publish_summary,
+)
 from dedloc.task.build import prepare_tokenizer
 
 from .checkpointer import Checkpointer
+from .dashboard import Dashboard
+from .history_store import HistoryStore
+from .run_view import RunView
 from .state_dir import StateDir, write_json_atomic
-from .tracker import SwarmTracker
+from .tracker import SwarmTracker, fetch_next_step
 
 logger = logging.getLogger(__name__)
 
 REPUBLISH_PERIOD = 60.0
+SUMMARY_PERIOD = 10.0
+NEXT_STEP_PERIOD = 2.0
 KNOWN_PEERS_PERIOD = 10.0
 PEERS_LEAVE_GRACE = 30.0
 LAST_STEPS_GRACE = 30.0
@@ -63,6 +76,10 @@ class CoordinatorOptions:
     """End the run after this global step (default: the config's total_steps)."""
     join_file: Optional[Path] = None
     """Also write the join information here (e.g. a volume shared with peers in docker compose)."""
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 0
+    """0: the port remembered from the first start, or any free port on the first start."""
     log_level: str = "info"
 
 
@@ -96,6 +113,9 @@ class Coordinator:
             )
         self.dht: Optional[hivemind.DHT] = None
         self.checkpointer: Optional[Checkpointer] = None
+        self.store = HistoryStore.open(state.path / "history.db", jsonl=state.history)
+        self.view = RunView(self.manifest, self.store, state.path, self.stop_at)
+        self.dashboard: Optional[Dashboard] = None
         self.status = RunStatus(
             config.run_id, self.manifest.config_sha256, self.manifest.tokenizer_sha256, stop_at=self.stop_at,
             finished=False, checkpoint_step=self.resumed.step if self.resumed else None,
@@ -137,7 +157,25 @@ class Coordinator:
         publish_manifest(self.dht, self.identity.public_key, self.identity.peer_id, self.manifest)
         publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
 
-    def announce_join(self) -> list[str]:
+    def start_dashboard(self) -> Optional[str]:
+        """Serve the dashboard on the configured port, else the one remembered from the first start
+        (or any free one if that is taken now)."""
+        if not self.options.dashboard:
+            return None
+        port = self.options.dashboard_port or self.state.remembered_port("dashboard_port") or 0
+        self.dashboard = Dashboard(self.view, self.options.dashboard_host, port)
+        try:
+            url = self.dashboard.start()
+        except UserInputError:
+            if self.options.dashboard_port or not port:
+                raise
+            logger.warning(f"the dashboard's port {port} from the first start is taken now; using a free port")
+            self.dashboard = Dashboard(self.view, self.options.dashboard_host, 0)
+            url = self.dashboard.start()
+        self.state.remember(dashboard_port=self.dashboard.port)
+        return url
+
+    def announce_join(self, dashboard_url: Optional[str]) -> list[str]:
         join = visible_maddrs(self.dht)
         self.state.remember(port=tcp_port(join))
         info = dict(
@@ -146,6 +184,7 @@ class Coordinator:
             run_id=self.config.run_id,
             config_sha256=self.manifest.config_sha256,
             tokenizer_sha256=self.manifest.tokenizer_sha256,
+            dashboard=dashboard_url,
             pid=os.getpid(),
         )
         write_json_atomic(self.state.path / "coordinator.json", info)
@@ -160,26 +199,49 @@ class Coordinator:
             f"{self.manifest.tokenizer_sha256[:12]}, ends at step {self.stop_at}); volunteers join with:"
         )
         print(f"dedloc peer --join {' '.join(join)}", flush=True)
+        if dashboard_url:
+            print(f"dashboard: {dashboard_url}", flush=True)
         return join
 
     def record_steps(self, tracker: SwarmTracker, history) -> None:
-        """Log every newly finished global step and append it to ``history.jsonl``."""
+        """Log every newly finished global step, append it to ``history.jsonl`` and the store, and
+        update the live figures and per-peer contributions."""
         for record in tracker.poll():
             logger.info(record.log_line())
             history.write(json.dumps(record.to_json()) + "\n")
             history.flush()
+            self.store.add_step(record.to_json())
+            self.view.update(loss=record.loss)
+        self.store.update_contributions(tracker.alive, time.time())
+        self.view.update(
+            step=tracker.global_step,
+            peers=len(tracker.alive),
+            samples_per_second=sum(m.samples_per_second for m in tracker.alive.values()),
+            samples=max(self.view.live.samples, tracker.total_samples, sum(p["samples"] for p in self.store.peers())),
+        )
 
     def note_checkpoint(self) -> None:
         latest = self.checkpointer.latest
+        if latest is not None and latest.step != self.view.live.checkpoint_step:
+            self.view.update(checkpoint_step=latest.step, checkpoint_time=latest.saved_at, checkpoint_path=latest.path)
         if latest is not None and latest.step != self.status.checkpoint_step:
             self.status = dataclasses.replace(self.status, checkpoint_step=latest.step)
             publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
+
+    def publish_summary(self) -> None:
+        try:
+            publish_summary(self.dht, self.identity.public_key, self.identity.peer_id, self.view.summary(), timeout=5.0)
+        except Exception as e:  # the summary is informative: never let it stop the run
+            logger.debug(f"cannot publish the run summary: {e!r}")
 
     # ----------------------------------------------------------------------------------------------
     def run(self) -> int:
         self.dht = self.start_node()
         try:
-            self.checkpointer = Checkpointer(self.dht, self.manifest, self.state.checkpoints)
+            self.checkpointer = Checkpointer(
+                self.dht, self.manifest, self.state.checkpoints, on_heldout=self.store.add_heldout,
+                cache_dir=self.state.path / "cache",
+            )
             if self.resumed is not None:
                 started = time.monotonic()
                 self.checkpointer.resume(self.resumed)
@@ -187,8 +249,13 @@ class Coordinator:
                     f"resumed from checkpoint step={self.resumed.step} ({self.resumed.path}) in "
                     f"{time.monotonic() - started:.1f} s; serving it to peers that join"
                 )
+                self.note_checkpoint()
+                self.checkpointer.evaluate_saved(
+                    list_checkpoints(self.state.checkpoints), self.store.heldout_steps(), stop=self.stop.requested
+                )
             self.publish()
-            self.announce_join()
+            dashboard_url = self.start_dashboard()
+            self.announce_join(dashboard_url)
             start_step = max(self.state.last_recorded_step(), self.resumed.step if self.resumed else 0)
             tracker = SwarmTracker(self.dht, self.manifest.swarm_prefix, last_step=self.stop_at, start_step=start_step)
             with open(self.state.history, "a", encoding="utf-8") as history:
@@ -201,17 +268,28 @@ class Coordinator:
         finally:
             if self.checkpointer is not None:
                 self.checkpointer.shutdown(timeout=0 if self.stop.is_set() else 10)
+            if self.dashboard is not None:
+                self.dashboard.stop()
             self.dht.shutdown()
+            self.store.close()
 
     def track(self, tracker: SwarmTracker, history) -> None:
         """Follow the swarm until the run's last step (or a stop), checkpointing every N steps."""
         every = self.config.checkpoint.every_steps
         next_checkpoint = (tracker.global_step // every + 1) * every
-        last_publish = last_peers = time.monotonic()
+        last_publish = last_peers = last_summary = last_next_step = time.monotonic()
         while not self.stop.is_set():
             self.record_steps(tracker, history)
             if tracker.global_step >= self.stop_at:
                 return
+            if time.monotonic() - last_next_step > NEXT_STEP_PERIOD:
+                target = self.config.training.target_batch_size
+                next_step = fetch_next_step(self.dht, self.manifest.swarm_prefix, target)
+                self.view.update(samples_accumulated=next_step.samples_accumulated, eta_next_step=next_step.eta)
+                last_next_step = time.monotonic()
+            if time.monotonic() - last_summary > SUMMARY_PERIOD:
+                self.publish_summary()
+                last_summary = time.monotonic()
             if tracker.global_step >= next_checkpoint and self.checkpointer.start(tracker.global_step, self.stop.requested):
                 next_checkpoint = (tracker.global_step // every + 1) * every
             self.note_checkpoint()
@@ -247,6 +325,9 @@ class Coordinator:
             self.status, finished=True, final_step=tracker.global_step, checkpoint_step=final.step if final else None
         )
         publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
+        self.note_checkpoint()
+        self.view.update(finished=True, step=tracker.global_step, samples_accumulated=0, eta_next_step=None)
+        self.publish_summary()
         logger.info(f"run finished at step {tracker.global_step}; final checkpoint: {final.path if final else 'none'}")
         deadline = time.monotonic() + PEERS_LEAVE_GRACE
         while time.monotonic() < deadline and not self.stop.is_set():

@@ -1,10 +1,12 @@
 """The coordinator's state directory: what it keeps across restarts.
 
 Layout: ``identity.key`` (its libp2p identity, hence its peer id and join address), ``network.json``
-(the port it chose on first start, reused on every restart so the printed join command stays valid,
-and the addresses of peers it last saw, to find the swarm again after a restart), ``tokenizer.json``,
-``coordinator.json`` (join information, rewritten at each start), ``history.jsonl`` (one line per
-global step), ``checkpoints/``, ``cache/`` and ``coordinator.lock``.
+(the ports it chose on first start — swarm and dashboard — reused on every restart so the printed
+join command and dashboard URL stay valid, and the addresses of peers it last saw, to find the swarm
+again after a restart), ``tokenizer.json``, ``coordinator.json`` (join information and dashboard URL,
+rewritten at each start), ``history.jsonl`` (one line per global step), ``history.db`` (the
+dashboard's store: steps, held-out losses, contributions; see :mod:`.history_store`),
+``checkpoints/``, ``cache/`` and ``coordinator.lock``.
 """
 
 from __future__ import annotations
@@ -79,18 +81,23 @@ class StateDir:
         except (OSError, ValueError):
             return {}
 
-    def remembered_port(self) -> Optional[int]:
-        port = self._network().get("port")
+    def remembered_port(self, key: str = "port") -> Optional[int]:
+        """The swarm port (``port``) or dashboard port (``dashboard_port``) chosen on the first start."""
+        port = self._network().get(key)
         return port if isinstance(port, int) and 0 < port < 65536 else None
 
     def known_peers(self) -> list[str]:
         peers = self._network().get("peers", [])
         return [p for p in peers if isinstance(p, str)][:MAX_KNOWN_PEERS] if isinstance(peers, list) else []
 
-    def remember(self, port: Optional[int] = None, peers: Optional[list[str]] = None) -> None:
+    def remember(
+        self, port: Optional[int] = None, peers: Optional[list[str]] = None, dashboard_port: Optional[int] = None
+    ) -> None:
         data = self._network()
         if port is not None:
             data["port"] = port
+        if dashboard_port is not None:
+            data["dashboard_port"] = dashboard_port
         if peers is not None:
             data["peers"] = peers[:MAX_KNOWN_PEERS]
         try:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import hivemind
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils import get_dht_time
 
 from dedloc.swarm.records import PeerMetrics, fetch_metrics
 
@@ -43,6 +45,42 @@ class StepRecord:
             f"step={self.step} loss={loss} samples/s={self.samples_per_second:.1f} "
             f"peers={self.peers} samples={self.samples}"
         )
+
+
+@dataclass
+class NextStep:
+    """The swarm's progress toward its next global step, from hivemind's progress records."""
+
+    samples_accumulated: int = 0
+    eta: Optional[float] = None
+    """Seconds until the target batch is reached at the swarm's current speed (None: unknown)."""
+
+
+def fetch_next_step(dht: hivemind.DHT, prefix: str, target_batch_size: int, timeout: float = 5.0) -> NextStep:
+    """Sum what the peers of the newest epoch have accumulated, and estimate when they reach the target."""
+    try:
+        found = dht.get(f"{prefix}_progress", latest=True, return_future=True).result(timeout)
+    except Exception as e:
+        logger.debug(f"cannot read the swarm's progress: {e!r}")
+        return NextStep()
+    if found is None or not isinstance(found.value, dict):
+        return NextStep()
+    entries = []
+    for item in found.value.values():
+        try:
+            entries.append(LocalTrainingProgress.parse_obj(item.value))
+        except Exception:
+            continue  # hivemind's schema validator already refuses malformed progress records
+    if not entries:
+        return NextStep()
+    now = get_dht_time()
+    epoch = max(entry.epoch for entry in entries)
+    current = [entry for entry in entries if entry.epoch == epoch]
+    accumulated = sum(entry.samples_accumulated for entry in current)
+    estimated = sum(entry.samples_accumulated + max(0.0, now - entry.time) * entry.samples_per_second for entry in current)
+    speed = sum(entry.samples_per_second for entry in entries)
+    eta = max(0.0, target_batch_size - estimated) / speed if speed > 0 else None
+    return NextStep(samples_accumulated=min(accumulated, target_batch_size), eta=eta)
 
 
 class SwarmTracker:

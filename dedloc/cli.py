@@ -50,6 +50,18 @@ def _port(text: str) -> int:
     return value
 
 
+def _add_dashboard_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dashboard-host", default="127.0.0.1", metavar="HOST",
+        help="address the dashboard listens on (default: 127.0.0.1; 0.0.0.0 exposes it, read-only)",
+    )
+    parser.add_argument(
+        "--dashboard-port", type=_port, default=0, metavar="PORT",
+        help="dashboard port (default: the one chosen on the first start, else any free port)",
+    )
+    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false", help="do not serve the dashboard")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # accepted before or after the subcommand; SUPPRESS keeps a subcommand's parser from resetting a
     # value given before it (defaults are applied in parse_args below)
@@ -89,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--join-file", type=Path, metavar="PATH",
         help="also write the join addresses (JSON) to PATH, for scripts and docker compose",
     )
+    _add_dashboard_flags(coordinator)
 
     peer = sub.add_parser(
         "peer", parents=[common], help="join a training run as a volunteer",
@@ -125,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--workdir", type=Path, help="directory for checkpoints, logs, summary.json (default: a new one)")
     swarm.add_argument("--config", type=Path, help="run configuration (default: the embedded default run)")
     swarm.add_argument("--timeout", type=_positive_float, default=1800.0, help="give up after this many seconds (default: 1800)")
+    _add_dashboard_flags(swarm)
+
+    status = sub.add_parser(
+        "status", parents=[common], help="show where a run stands (step, loss, peers, top contributors)",
+        description="Join a swarm as a client, print the run's figures as the coordinator publishes them, and exit.",
+    )
+    status.add_argument("--join", nargs="+", action="extend", required=True, metavar="MULTIADDR",
+                        help="the coordinator's address (…/p2p/<peer id>), as for `dedloc peer`")
+    status.add_argument("--json", dest="as_json", action="store_true", help="print JSON (for scripts)")
+    status.add_argument("--timeout", type=_positive_float, default=20.0,
+                        help="give up after this many seconds (default: 20; exit code 3)")
     export = sub.add_parser(
         "export", parents=[common], help="write a checkpoint as a plain Hugging Face model directory",
         description="Verify a checkpoint and write model + tokenizer + model card to OUT_DIR "
@@ -160,6 +184,9 @@ def _run(args: argparse.Namespace) -> int:
                 nat_traversal=args.nat_traversal,
                 max_steps=args.max_steps,
                 join_file=args.join_file,
+                dashboard=args.dashboard,
+                dashboard_host=args.dashboard_host,
+                dashboard_port=args.dashboard_port,
                 log_level=args.log_level,
             )
         )
@@ -194,9 +221,16 @@ def _run(args: argparse.Namespace) -> int:
                 workdir=args.workdir,
                 config=args.config,
                 timeout=args.timeout,
+                dashboard=args.dashboard,
+                dashboard_host=args.dashboard_host,
+                dashboard_port=args.dashboard_port,
                 log_level=args.log_level,
             )
         )
+    if args.command == "status":
+        from dedloc.status import StatusOptions, run_status
+
+        return run_status(StatusOptions(join=args.join, as_json=args.as_json, timeout=args.timeout))
     if args.command == "export":
         from dedloc.export import export_checkpoint
 

@@ -170,6 +170,8 @@ class CheckpointSection(_Section):
     """Write a checkpoint every this many global steps (and at the end of the run)."""
     keep_last: int = Field(3, gt=0)
     """Checkpoints kept on disk; older ones are removed after a newer one is complete."""
+    heldout_sequences: int = Field(256, ge=0)
+    """Held-out sequences the coordinator evaluates every checkpoint on (0: no held-out evaluation)."""
 
 
 class RunConfig(_Section):

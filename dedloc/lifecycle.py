@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -68,6 +69,9 @@ class GracefulExit:
             if signum == signal.SIGINT:
                 logger.warning(f"{self.name}: second interrupt, exiting now")
                 kill_process_tree(os.getpid())
+                if sys.stdout.isatty():
+                    sys.stdout.write("\x1b[?25h\n")  # a live progress view hid the cursor; no cleanup runs after _exit
+                    sys.stdout.flush()
                 os._exit(EXIT_INTERRUPTED)
             return
         self.reason = signal.Signals(signum).name

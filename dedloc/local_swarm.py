@@ -28,7 +28,7 @@ from dedloc.lifecycle import ChildProcess, GracefulExit, stop_all
 logger = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("global_step", "loss_first", "loss_last", "peers", "samples", "wall_s")
-ECHO_MARKERS = ("step=", "checkpoint", "run finished", "is up", "ERROR", "error")
+ECHO_MARKERS = ("step=", "checkpoint", "held-out", "run finished", "is up", "ERROR", "error")
 
 
 @dataclass
@@ -40,6 +40,9 @@ class SwarmOptions:
     timeout: float = 1800.0
     log_level: str = "info"
     startup_timeout: float = 180.0
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 0
     extra_peer_args: tuple[str, ...] = ()
 
 
@@ -122,13 +125,20 @@ def run_local_swarm(options: SwarmOptions, stop: Optional[GracefulExit] = None) 
                             "--log-level", options.log_level]
         if options.max_steps is not None:
             coordinator_args += ["--max-steps", str(options.max_steps)]
+        if options.dashboard:
+            coordinator_args += ["--dashboard-host", options.dashboard_host, "--dashboard-port", str(options.dashboard_port)]
+        else:
+            coordinator_args += ["--no-dashboard"]
         coordinator = ChildProcess("coordinator", _dedloc_command(*coordinator_args), workdir / "logs" / "coordinator.log", env=env)
         children.append(coordinator)
         follower = _LogFollower(workdir / "logs" / "coordinator.log", "")
 
-        join = _wait_for_join_address(workdir / "coordinator" / "coordinator.json", coordinator, options.startup_timeout, stop)
-        if join is None:
+        info = _wait_for_join_info(workdir / "coordinator" / "coordinator.json", coordinator, options.startup_timeout, stop)
+        if info is None:
             return EXIT_INTERRUPTED
+        join = info["join"]
+        if info.get("dashboard"):
+            print(f"dedloc swarm: dashboard at {info['dashboard']}", flush=True)
         for index in range(1, options.peers + 1):
             peer_dir = workdir / f"peer-{index}"
             peer_dir.mkdir(exist_ok=True)
@@ -172,7 +182,7 @@ def run_local_swarm(options: SwarmOptions, stop: Optional[GracefulExit] = None) 
         stop_all(list(reversed(children)))
 
 
-def _wait_for_join_address(path: Path, coordinator: ChildProcess, timeout: float, stop: GracefulExit) -> Optional[list[str]]:
+def _wait_for_join_info(path: Path, coordinator: ChildProcess, timeout: float, stop: GracefulExit) -> Optional[dict]:
     deadline = time.monotonic() + timeout
     while not path.is_file():
         if coordinator.poll() is not None:
@@ -183,4 +193,4 @@ def _wait_for_join_address(path: Path, coordinator: ChildProcess, timeout: float
             raise RuntimeError(f"the coordinator was not ready within {timeout:.0f} s:\n{coordinator.log_tail()}")
         if stop.wait(0.2):
             return None
-    return json.loads(path.read_text(encoding="utf-8"))["join"]
+    return json.loads(path.read_text(encoding="utf-8"))

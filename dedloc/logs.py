@@ -1,14 +1,18 @@
 """One log format for every dedloc process: time, role and short peer id, logger, message.
 
 hivemind's own loggers are routed into the same handler (quieter than ours unless ``--log-level
-debug``), and colour is used only on a terminal.
+debug``), and colour is used only on a terminal. While a live display is drawn on the terminal,
+:func:`log_through` sends the same lines through its rich console so they print above it.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -80,6 +84,30 @@ def setup_logging(level: str = "info", role: str = "dedloc", peer_id: Optional[s
     logging.getLogger("hivemind").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
     for noisy in ("datasets", "transformers", "filelock", "urllib3", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING if numeric > logging.DEBUG else numeric)
+
+
+def log_through(console: "Console") -> Callable[[], None]:
+    """Write this process's log lines through ``console`` until the returned function is called.
+
+    A rich live display redraws itself by moving the cursor up over its last frame; a line written
+    straight to the same terminal meanwhile is overwritten or torn. Through the console, each line is
+    printed above the display instead. Call the returned function when the display stops: it flushes
+    and puts the handler's own stream back. Without :func:`setup_logging` there is nothing to route.
+    """
+    from rich.file_proxy import FileProxy
+
+    handler = _handler
+    if not isinstance(handler, logging.StreamHandler):
+        return lambda: None
+    original = handler.stream
+    proxy = FileProxy(console, original)
+    handler.setStream(proxy)
+
+    def restore() -> None:
+        if handler.stream is proxy:
+            handler.setStream(original)
+
+    return restore
 
 
 def short_id(peer_id: str) -> str:

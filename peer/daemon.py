@@ -30,6 +30,7 @@ from dedloc.task.build import build_peer_task
 from dedloc.task.data import peer_data_seed
 
 from .join import read_join_file, wait_for_manifest
+from .progress_view import ProgressView
 from .trainer import PeerTrainer
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         logger.info(f"ready to train after {time.monotonic() - started:.1f} s")
         trainer = PeerTrainer(
             dht, identity, manifest, join.coordinator_id, task, optimizer, micro_batch, stop,
-            volunteer=options.volunteer,
+            volunteer=options.volunteer, view=ProgressView(),
         )
         try:
             trainer.run()

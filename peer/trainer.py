@@ -3,7 +3,8 @@
 Contract of :meth:`PeerTrainer.run`: it returns when the run has ended (the coordinator announced the
 final checkpoint, or the announcement did not come within ``end_grace`` after this peer reached the
 last step) or when a stop was requested; it never leaves the optimizer mid-step. The caller shuts
-the optimizer and the DHT down.
+the optimizer and the DHT down. While it trains, an enabled :class:`ProgressView` shows its progress;
+the view is stopped (the terminal restored) however training ends.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import hivemind
-import torch
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
@@ -37,10 +37,16 @@ from dedloc.swarm.records import (
 )
 from dedloc.task.build import PeerTask
 
+from .progress_view import PeerProgress, ProgressView
+
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_PERIOD = 30.0
 ONLINE_WINDOW = 60.0  # a peer whose newest record is older than this has left
+SWARM_RATE_PERIOD = 5.0
+# hivemind estimates the time to the next step from its samples/s, which starts near zero: such an
+# estimate (years) is shown as unknown
+MAX_ETA = 24 * 3600.0
 
 
 class RunStatusWatcher(threading.Thread):
@@ -62,6 +68,41 @@ class RunStatusWatcher(threading.Thread):
                     self.changed.set()
             except Exception as e:  # an incompatible or unreachable record must not kill training
                 logger.debug(f"cannot read the run status: {e!r}")
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def swarm_samples_per_second(
+    records: Iterable[PeerMetrics], now: Optional[float] = None, exclude: Optional[str] = None
+) -> float:
+    """Samples/s summed over the peers whose newest record is recent, except the peer ``exclude``."""
+    now = time.time() if now is None else now
+    return sum(m.samples_per_second for m in records if now - m.time < ONLINE_WINDOW and m.peer_id != exclude)
+
+
+class SwarmRateWatcher(threading.Thread):
+    """Reads the other peers' samples/s from their metrics records in the background, for the view.
+
+    This peer's own record is left out: its live rate is fresher. Separate from
+    :class:`RunStatusWatcher` so that a slow metrics read never delays the run status, which decides
+    when this peer stops.
+    """
+
+    def __init__(self, dht: hivemind.DHT, prefix: str, peer_id: str, period: float = SWARM_RATE_PERIOD):
+        super().__init__(name="swarm-rate-watcher", daemon=True)
+        self.dht, self.prefix, self.peer_id, self.period = dht, prefix, peer_id, period
+        self.others_samples_per_second: Optional[float] = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                records, _ = fetch_metrics(self.dht, self.prefix, timeout=self.period)
+                self.others_samples_per_second = swarm_samples_per_second(records.values(), exclude=self.peer_id)
+            except Exception as e:  # only the view needs this figure
+                logger.debug(f"cannot read the swarm's metrics: {e!r}")
             self._stop.wait(self.period)
 
     def stop(self) -> None:
@@ -93,6 +134,7 @@ class PeerTrainer:
         stop: GracefulExit,
         volunteer: Optional[str] = None,
         end_grace: float = 120.0,
+        view: Optional[ProgressView] = None,
     ):
         self.dht, self.identity, self.manifest = dht, identity, manifest
         self.config: RunConfig = manifest.config
@@ -101,6 +143,8 @@ class PeerTrainer:
         self.stop, self.volunteer, self.end_grace = stop, volunteer, end_grace
         self.watcher = RunStatusWatcher(dht, coordinator_id)
         self.peer_id = identity.peer_id.to_base58()
+        self.view = view or ProgressView(enabled=False)
+        self.rate_watcher = SwarmRateWatcher(dht, self.prefix, self.peer_id)
         self.samples_contributed = 0
         self.peers_at_start = 1
         self.others_at_sync = 0
@@ -236,6 +280,26 @@ class PeerTrainer:
             f"peers={max(progress.num_peers, 1)} contributed={self.samples_contributed}"
         )
 
+    def progress(self) -> PeerProgress:
+        """A snapshot for the view; reads only what is in memory, so it is cheap every micro-step."""
+        tracker = self.opt.tracker
+        swarm = tracker.global_progress
+        mine = float(tracker.performance_ema.samples_per_second)
+        others = self.rate_watcher.others_samples_per_second
+        eta = swarm.eta_next_epoch - get_dht_time()  # inf right after a step, until the next fetch
+        return PeerProgress(
+            global_step=self.opt.local_epoch,
+            total_steps=self.stop_at(),
+            samples_accumulated=swarm.samples_accumulated,
+            target_batch_size=swarm.target_batch_size,
+            my_samples_per_second=mine,
+            swarm_samples_per_second=None if others is None else others + mine,
+            peers=max(swarm.num_peers, 1),
+            seconds_to_next_step=max(eta, 0.0) if eta < MAX_ETA else None,
+            contributed=self.samples_contributed,
+            loss=self.last_loss,
+        )
+
     # ----------------------------------------------------------------------------------------------
     def train(self) -> None:
         model, opt = self.task.model, self.opt
@@ -243,6 +307,7 @@ class PeerTrainer:
         batches = iter(self.task.stream)
         stats = StepStats()
         epoch = opt.local_epoch
+        self.view.update(self.progress())
         self.wait_for_first_round()
         while (
             not self.stop.is_set()
@@ -268,6 +333,7 @@ class PeerTrainer:
                 stats = StepStats()
             elif time.monotonic() - self._last_publish > HEARTBEAT_PERIOD:
                 self.publish(self.last_loss, 0)
+            self.view.update(self.progress())
 
     def final_sync(self) -> None:
         """One last synchronous state-averaging round with the peers still here, so that every peer —
@@ -300,14 +366,18 @@ class PeerTrainer:
 
     def run(self) -> None:
         self.watcher.start()
+        if self.view.enabled:
+            self.rate_watcher.start()
         try:
             self.wait_for_peers()
             if not self.stop.is_set():
                 self.sync_with_swarm()
-            self.train()
+            with self.view:  # stopped on any exit, so the terminal is restored
+                self.train()
             self.wait_for_end()
         finally:
             self.watcher.stop()
+            self.rate_watcher.stop()
         status = self.watcher.status
         changed = self.run_changed()
         if changed:

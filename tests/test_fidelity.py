@@ -29,10 +29,10 @@ def test_swarm_matches_single_process_training(tmp_path):
     # learning rate) is told apart
     slower = fidelity_config(steps=10).with_overrides(optimizer={"lr": 7.5e-4})
     tokenizer_json = (tmp_path / "swarm" / "coordinator" / "tokenizer.json").read_text()
-    from bench.fidelity import heldout_batches
     from dedloc.task.build import hf_tokenizer
+    from dedloc.task.evaluation import heldout_set
 
-    batches = heldout_batches(slower, hf_tokenizer(slower, tokenizer_json))
+    batches = heldout_set(slower, hf_tokenizer(slower, tokenizer_json))
     control = {seed: run_single(slower, tokenizer_json, seed, result.steps, batches) for seed in (1, 2)}
     mismatched = FidelityResult(steps=result.steps, swarm=result.swarm, single=control, peers=2)
     assert not mismatched.holds, mismatched.table()

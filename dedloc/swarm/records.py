@@ -68,6 +68,10 @@ def status_key(coordinator_id: PeerID) -> str:
     return f"{coordinator_prefix(coordinator_id)}_status"
 
 
+def summary_key(coordinator_id: PeerID) -> str:
+    return f"{coordinator_prefix(coordinator_id)}_summary"
+
+
 def metrics_key(prefix: str) -> str:
     return f"{prefix}_metrics"
 
@@ -327,6 +331,67 @@ def fetch_status(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.
         logger.warning(f"ignoring a malformed run status record: {e}")
         return None
     return RunStatus(**parsed.model_dump(exclude={"protocol"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run summary: the coordinator's figures for `dedloc status` (what its dashboard shows, in brief)
+
+MAX_SUMMARY_CONTRIBUTORS = 10
+SUMMARY_EXPIRATION = 300.0
+
+
+class Contributor(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid", frozen=True)
+    name: str = pydantic.Field(max_length=64)
+    """The volunteer's name, or the short peer id of a peer that gave none."""
+    samples: int = pydantic.Field(ge=0)
+
+
+class RunSummary(pydantic.BaseModel):
+    """Where the run stands as the coordinator sees it; refreshed every few seconds.
+
+    ``loss`` is the training loss peers reported for ``step``; ``heldout_loss`` the coordinator's own
+    evaluation of its newest evaluated checkpoint (``heldout_step``); ``top`` the leading contributors
+    over the whole run (at most :data:`MAX_SUMMARY_CONTRIBUTORS`, so the record stays small).
+    """
+
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid", frozen=True)
+    protocol: int = PROTOCOL_VERSION
+    run_id: str = pydantic.Field(max_length=64)
+    step: int = pydantic.Field(ge=0)
+    stop_at: int = pydantic.Field(ge=0)
+    loss: Optional[float] = pydantic.Field(None, ge=0, allow_inf_nan=False)
+    heldout_loss: Optional[float] = pydantic.Field(None, ge=0, allow_inf_nan=False)
+    heldout_step: Optional[int] = pydantic.Field(None, ge=0)
+    samples_per_second: float = pydantic.Field(ge=0, allow_inf_nan=False)
+    peers: int = pydantic.Field(ge=0)
+    samples: int = pydantic.Field(ge=0)
+    checkpoint_step: Optional[int] = pydantic.Field(None, ge=0)
+    finished: bool = False
+    updated_at: float
+    top: list[Contributor] = pydantic.Field([], max_length=MAX_SUMMARY_CONTRIBUTORS)
+
+
+def publish_summary(
+    dht: hivemind.DHT, public_key: RSAPublicKey, coordinator_id: PeerID, summary: RunSummary, timeout: float = 10.0
+) -> bool:
+    return _store(
+        dht, summary_key(coordinator_id), owner_subkey(public_key), summary.model_dump(mode="json"), SUMMARY_EXPIRATION, timeout
+    )
+
+
+def fetch_summary(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[RunSummary]:
+    """The coordinator's newest summary, or None when there is none (or it is malformed: logged)."""
+    records = _owned_items(dht, summary_key(coordinator_id), coordinator_id, timeout)
+    if not records:
+        return None
+    value = records[0][1]
+    check_protocol(value, "run summary")
+    try:
+        return RunSummary.model_validate(value)
+    except pydantic.ValidationError as e:
+        logger.warning(f"ignoring a malformed run summary record: {e}")
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""The volunteer's terminal view: its figures, its silence off a terminal, and log lines while it is live."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+
+import pytest
+from hivemind.utils import logging as hivemind_logging
+from rich.console import Console
+
+from dedloc import logs
+from dedloc.swarm.records import PeerMetrics
+from peer.progress_view import PeerProgress, ProgressView, render
+from peer.trainer import ONLINE_WINDOW, swarm_samples_per_second
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+SNAPSHOT = PeerProgress(
+    global_step=12,
+    total_steps=100,
+    samples_accumulated=384,
+    target_batch_size=512,
+    my_samples_per_second=12.5,
+    swarm_samples_per_second=48.25,
+    peers=4,
+    seconds_to_next_step=75.0,
+    contributed=1536,
+    loss=3.45678,
+)
+
+
+def terminal() -> Console:
+    return Console(file=io.StringIO(), force_terminal=True, width=100)
+
+
+def text_of(console: Console) -> str:
+    return ANSI.sub("", console.file.getvalue())
+
+
+@pytest.fixture
+def setup_logging(monkeypatch):
+    """Sets up dedloc's real log handler when the test calls it — in the test body, so that it writes
+    to the stderr that ``capsys`` reads there — and undoes it afterwards."""
+    root, hivemind_logger = logging.getLogger(), logging.getLogger("hivemind")
+    saved = root.level, hivemind_logger.level, hivemind_logging._current_mode
+    monkeypatch.setattr(logs, "_handler", None)
+
+    def setup() -> logging.StreamHandler:
+        logs.setup_logging("info", "peer", "QmTestPeerXYZ123")
+        return logs._handler
+
+    yield setup
+    if logs._handler is not None:
+        root.removeHandler(logs._handler)
+    root.setLevel(saved[0])
+    hivemind_logger.setLevel(saved[1])
+    hivemind_logging.use_hivemind_log_handler(saved[2])
+
+
+def test_render_shows_every_figure():
+    console = terminal()
+    console.print(render(SNAPSHOT))
+    out = text_of(console)
+    assert "step 12/100" in out
+    assert "384/512 samples" in out
+    assert "me 12.5" in out and "swarm 48.2" in out
+    assert "4 peers online" in out
+    assert "next averaging in ~1m15s" in out
+    assert "contributed 1,536 samples" in out
+    assert "loss 3.4568" in out
+
+
+def test_render_unknowns_and_countdown():
+    unknown = PeerProgress(3, 10, 0, 64, 1.0, None, 1, None, 0)
+    console = terminal()
+    console.print(render(unknown))
+    console.print(render(SNAPSHOT, elapsed=30.0))
+    console.print(render(SNAPSHOT, elapsed=80.0))
+    out = text_of(console)
+    assert "swarm n/a" in out and "1 peer online" in out and "next averaging: unknown" in out
+    assert "loss" not in out.split("next averaging: unknown")[1].split("\n")[0]
+    assert "next averaging in ~45 s" in out
+    assert "averaging now" in out
+
+
+def test_live_view_draws_the_latest_snapshot():
+    console = terminal()
+    with ProgressView(enabled=True, console=console, capture_logs=False) as view:
+        view.update(PeerProgress(1, 100, 8, 512, 2.0, None, 1, 5.0, 8))
+        view.update(SNAPSHOT)
+    out = text_of(console)
+    final = out[out.rindex("step ") :]
+    assert "step 12/100" in final and "384/512 samples" in final
+    assert "me 12.5" in final and "swarm 48.2" in final and "4 peers online" in final
+    assert "contributed 1,536 samples" in final
+    assert re.search(r"next averaging in ~1m1\ds", final)
+
+
+def test_disabled_view_writes_nothing(setup_logging):
+    log_handler = setup_logging()
+    console = terminal()
+    stream = log_handler.stream
+    view = ProgressView(enabled=False, console=console, capture_logs=True)
+    with view:
+        assert log_handler.stream is stream
+        view.update(SNAPSHOT)
+    assert console.file.getvalue() == ""
+    assert log_handler.stream is stream
+
+
+def test_default_follows_the_terminal():
+    assert ProgressView(console=terminal()).enabled
+    assert not ProgressView(console=Console(file=io.StringIO())).enabled
+    assert ProgressView().enabled == sys.stdout.isatty()
+
+
+def test_log_lines_go_above_the_live_view_and_back_to_stderr_after(setup_logging, capsys):
+    setup_logging()
+    console = terminal()
+    log = logging.getLogger("peer.trainer")
+    capsys.readouterr()
+    view = ProgressView(enabled=True, console=console, capture_logs=True)
+    view.start()
+    view.update(SNAPSHOT)
+    log.info("step=12 loss=3.4568 while live")
+    view.stop()
+    out = text_of(console)
+    assert "step=12 loss=3.4568 while live" in out
+    assert "[peer XYZ123]" in out  # dedloc's format, not some other handler's
+    assert "while live" not in capsys.readouterr().err
+
+    log.info("after the view stopped")
+    assert "after the view stopped" in capsys.readouterr().err
+    assert "after the view stopped" not in text_of(console)
+
+
+def test_swarm_rate_counts_only_other_peers_online():
+    def metrics(peer: str, rate: float, age: float) -> PeerMetrics:
+        return PeerMetrics(peer_id=peer, step=1, samples_per_second=rate, samples=0, time=1000.0 - age)
+
+    records = [metrics("a", 10.0, 1.0), metrics("b", 2.5, ONLINE_WINDOW - 1), metrics("c", 100.0, ONLINE_WINDOW + 1)]
+    assert swarm_samples_per_second(records, now=1000.0) == 12.5
+    assert swarm_samples_per_second(records, now=1000.0, exclude="a") == 2.5
+    assert swarm_samples_per_second([], now=1000.0) == 0.0
