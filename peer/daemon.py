@@ -78,6 +78,11 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     join = parse_join_addresses(read_join_file(options.join_file, options.join_timeout, stop) if options.join_file else options.join)
     if options.micro_batch_size is not None and options.micro_batch_size <= 0:
         raise UserInputError(f"--micro-batch must be positive (got {options.micro_batch_size})")
+    if options.volunteer is not None and not (0 < len(options.volunteer) <= 64 and options.volunteer.isprintable()):
+        raise UserInputError(
+            f"--volunteer must be 1 to 64 printable characters (got {len(options.volunteer)}): it is shown on the "
+            "run's leaderboard"
+        )
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     identity = Identity.load_or_create(options.identity) if options.identity else Identity.create_ephemeral()

@@ -62,6 +62,9 @@ def test_flags_are_validated():
     assert_clean_error(dedloc("swarm", "--peers", "0"), 2, "expected a positive integer")
     assert_clean_error(dedloc("peer", "--join", f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}", "--micro-batch", "-3"), 2)
     assert_clean_error(dedloc("peer"), 2, "one of the arguments --join --join-file is required")
+    assert_clean_error(dedloc("peer", "--join", f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}", "--volunteer", "x" * 65), 2, "--volunteer")
+    assert_clean_error(dedloc("status", "--join", f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}", "--timeout", "0"), 2, "positive")
+    assert_clean_error(dedloc("coordinator", "--dashboard-port", "70000"), 2, "0..65535")
 
 
 def test_unreachable_swarm_exits_3_quickly():
@@ -82,3 +85,6 @@ def test_parser_accepts_the_readme_commands():
     parser.parse_args(["swarm"])
     parser.parse_args(["coordinator", "--config", "run.toml"])
     parser.parse_args(["peer", "--join", f"/ip4/1.2.3.4/tcp/5/p2p/{PEER}", f"/ip4/1.2.3.5/tcp/5/p2p/{PEER}"])
+    parser.parse_args(["swarm", "--peers", "3", "--dashboard-host", "0.0.0.0", "--dashboard-port", "8080"])
+    parser.parse_args(["coordinator", "--no-dashboard"])
+    parser.parse_args(["status", "--join", f"/ip4/1.2.3.4/tcp/5/p2p/{PEER}", "--json"])
