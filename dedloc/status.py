@@ -131,6 +131,8 @@ def print_status(result: dict, console: Optional[Console] = None) -> None:
     table.add_row("peers online", str(result["peers"]))
     table.add_row("samples trained", f"{result['samples']:,}")
     table.add_row("latest checkpoint", "none" if result["checkpoint_step"] is None else f"step {result['checkpoint_step']}")
+    if result["summary_age"] is not None:
+        table.add_row("as of", f"{result['summary_age']:.0f} s ago (the coordinator's summary)")
     if result["source"] != "coordinator":
         table.add_row("note", "the coordinator has not published its summary yet: figures from the peers' records")
     console.print(table)
