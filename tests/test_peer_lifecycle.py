@@ -40,5 +40,7 @@ def test_second_interrupt_exits_at_once(tmp_path, procs):
     wait_for(lambda: "press Ctrl-C again" in peer.log_path.read_text(), 30, "the first interrupt to register")
     peer.signal_group(signal.SIGINT)
     wait_for(lambda: peer.poll() is not None, 15, "the peer to exit")
-    assert peer.poll() == 130
+    # 130 from the handler; or, when the graceful stop had already finished and Python was tearing down
+    # (its signal handlers back to the default), death by SIGINT — which a shell reports as 130 too
+    assert peer.poll() in (130, -signal.SIGINT), peer.log_tail(20)
     wait_for(lambda: not peer.group_alive(), 15, "no process of the peer to remain")
