@@ -27,7 +27,7 @@ from dedloc.logs import short_id
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, start_dht
-from dedloc.swarm.records import RunManifest, fetch_manifest, fetch_metrics, fetch_status, fetch_summary
+from dedloc.swarm.records import ManifestHeader, fetch_manifest_header, fetch_metrics, fetch_status, fetch_summary
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ def read_swarm_status(options: StatusOptions, stop: GracefulExit) -> dict:
             identity, NetworkOptions(client_mode=True), initial_peers=join.as_strings,
             validators=[RSASignatureValidator()], startup_timeout=max(1.0, options.timeout - 5.0), stop=stop.requested,
         )
-        manifest: Optional[RunManifest] = None
+        manifest: Optional[ManifestHeader] = None
         while manifest is None:
-            manifest = fetch_manifest(dht, join.coordinator_id, timeout=max(0.5, deadline - time.monotonic()))
+            manifest = fetch_manifest_header(dht, join.coordinator_id, timeout=max(0.5, deadline - time.monotonic()))
             if manifest is not None:
                 break
             if time.monotonic() >= deadline:

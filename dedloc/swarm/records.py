@@ -168,9 +168,24 @@ def _inflate(packed: bytes) -> str:
     return data.decode()
 
 
-def parse_manifest(record: Any, tokenizer_chunks: Optional[dict[int, bytes]] = None) -> RunManifest:
-    """Validate a manifest record and its tokenizer chunks; raises :class:`IncompatibleSwarmError`
-    when the protocol differs or the config or tokenizer does not match its published hash."""
+@dataclass(frozen=True)
+class ManifestHeader:
+    """The run a manifest announces, without its tokenizer: enough to find the swarm's records."""
+
+    config: RunConfig
+    config_sha256: str
+    tokenizer_sha256: str
+    tokenizer_chunks: int
+    published_at: float
+
+    @property
+    def swarm_prefix(self) -> str:
+        return swarm_prefix(self.config.run_id, self.config_sha256, self.tokenizer_sha256)
+
+
+def parse_manifest_header(record: Any) -> ManifestHeader:
+    """Validate a manifest record (not its tokenizer); raises :class:`IncompatibleSwarmError` when the
+    protocol differs or the config does not match its published hash."""
     check_protocol(record, "run manifest")
     try:
         parsed = _ManifestRecord.model_validate(record)
@@ -183,6 +198,14 @@ def parse_manifest(record: Any, tokenizer_chunks: Optional[dict[int, bytes]] = N
             "the coordinator's run config does not match its published hash "
             f"({config.sha256()[:12]} != {parsed.config_sha256[:12]}): refusing to train on it"
         )
+    return ManifestHeader(config, parsed.config_sha256, parsed.tokenizer_sha256, parsed.tokenizer_chunks, parsed.published_at)
+
+
+def parse_manifest(record: Any, tokenizer_chunks: Optional[dict[int, bytes]] = None) -> RunManifest:
+    """Validate a manifest record and its tokenizer chunks; raises :class:`IncompatibleSwarmError`
+    when the protocol differs or the config or tokenizer does not match its published hash."""
+    parsed = parse_manifest_header(record)
+    config = parsed.config
     chunks = tokenizer_chunks or {}
     if sorted(chunks) != list(range(parsed.tokenizer_chunks)):
         raise _IncompleteManifest(f"{len(chunks)} of {parsed.tokenizer_chunks} tokenizer chunks found")
@@ -247,6 +270,13 @@ def _owned_items(dht: hivemind.DHT, key: str, owner: PeerID, timeout: float) -> 
         for subkey, item in found.value.items()
         if item.value is not None and owner_of_subkey(subkey) == owner
     ]
+
+
+def fetch_manifest_header(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[ManifestHeader]:
+    """The coordinator's manifest without the tokenizer (None if not found yet); raises
+    :class:`IncompatibleSwarmError` if it is unusable."""
+    records = _owned_items(dht, manifest_key(coordinator_id), coordinator_id, timeout)
+    return parse_manifest_header(records[0][1]) if records else None
 
 
 def fetch_manifest(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[RunManifest]:
