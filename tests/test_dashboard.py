@@ -251,12 +251,14 @@ def dedloc(*args: str, timeout: float = 60):
 
 def test_status_command(swarm):
     wait_for_figures(swarm)
-    wait_for(lambda: dedloc("status", "--join", *swarm.join, "--json").returncode == 0 and
-             json.loads(dedloc("status", "--join", *swarm.join, "--json").stdout)["source"] == "coordinator",
-             120, "the coordinator's summary", watch=swarm.everyone)
-    result = dedloc("status", "--join", *swarm.join, "--json")
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
+
+    def from_coordinator():
+        result = dedloc("status", "--join", *swarm.join, "--json")
+        assert result.returncode == 0, result.stderr
+        figures = json.loads(result.stdout)
+        return figures if figures["source"] == "coordinator" else None
+
+    figures = wait_for(from_coordinator, 120, "the coordinator's summary", watch=swarm.everyone)
     assert figures["run_id"] == "dedloc-embedded" and figures["step"] >= 3 and figures["peers"] == 2
     assert figures["heldout_loss"] is not None and figures["loss"] is not None
     assert {c["name"] for c in figures["top_contributors"]} == set(VOLUNTEERS)
