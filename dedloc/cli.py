@@ -168,10 +168,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dedloc.lifecycle import adopt_workdir
+
+    # before anything heavy is imported: the first call re-executes this process
+    workdir = args.workdir if args.command in ("coordinator", "peer") else None
+    leftovers = adopt_workdir(workdir) if workdir is not None else []
+
     from dedloc.logs import setup_logging
     from dedloc.swarm.addresses import listen_maddr
 
     setup_logging(args.log_level, args.command)
+    if leftovers:
+        logger.warning(f"stopped {len(leftovers)} process(es) a crashed dedloc daemon on {workdir} had left: {leftovers}")
     if args.command == "coordinator":
         from dedloc.coordinator.daemon import CoordinatorOptions, run_coordinator
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Optional
 
 import psutil
@@ -187,3 +188,55 @@ class ChildProcess:
                 return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
         except OSError:
             return ""
+
+
+WORKDIR_MARK = "DEDLOC_WORKDIR"
+OWNER_MARK = "DEDLOC_OWNER_PID"
+
+
+def adopt_workdir(path: Path) -> list[int]:
+    """Make ``path`` this daemon's own: kill what a crashed previous daemon on the same directory left
+    behind; returns the pids killed. Call it early: the first call re-executes the process (same pid).
+
+    A daemon killed outright (SIGKILL of its main process only, an OOM kill) leaves its helpers running
+    — the DHT process, averagers and p2pd — which still answer for its identity and hold its locks.
+    To recognise them, the daemon runs with the directory and its own pid in its environment
+    (:data:`WORKDIR_MARK`, :data:`OWNER_MARK`), which every helper inherits; the process re-executes
+    itself once so that the marks are in the environment the kernel shows for it and its forks. A
+    marked process whose owner is no longer a daemon on that directory is a leftover.
+    """
+    path = Path(path).resolve()
+    if os.environ.get(WORKDIR_MARK) != str(path) or os.environ.get(OWNER_MARK) != str(os.getpid()):
+        env = dict(os.environ, **{WORKDIR_MARK: str(path), OWNER_MARK: str(os.getpid())})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, env)
+    killed = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get(WORKDIR_MARK) != str(path):
+            continue
+        owner = env.get(OWNER_MARK, "")
+        if owner.isdigit() and psutil.pid_exists(int(owner)) and _is_daemon(int(owner), path):
+            continue  # a live daemon's helper (a second daemon on the directory is refused by its lock)
+        try:
+            proc.kill()
+            killed.append(proc.pid)
+        except psutil.Error:
+            pass
+    psutil.wait_procs([psutil.Process(pid) for pid in killed if psutil.pid_exists(pid)], timeout=5)
+    return killed
+
+
+def _is_daemon(pid: int, path: Path) -> bool:
+    """Whether ``pid`` is a dedloc daemon marked with ``path`` as its own (not a recycled pid)."""
+    try:
+        env = psutil.Process(pid).environ()
+    except (psutil.Error, OSError):
+        return False
+    return env.get(WORKDIR_MARK) == str(path) and env.get(OWNER_MARK) == str(pid)

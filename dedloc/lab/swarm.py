@@ -1,0 +1,154 @@
+"""dedloc processes on lab hosts: a coordinator and peers, each in its own network namespace, that a
+test or benchmark can crash, pause, restart and cut off like volunteers' machines.
+
+Each process is a real ``dedloc`` daemon started through ``ip netns exec`` in its own process group
+(:class:`dedloc.lifecycle.ChildProcess`), listening on its host's address. Peers keep a persistent
+identity in their work directory, so a restarted peer is the same volunteer coming back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from dedloc.lifecycle import ChildProcess, stop_all
+
+from .network import Host, Network
+
+
+@dataclass
+class LabNode:
+    """One daemon on one host; :meth:`restart` starts it again with the same arguments."""
+
+    name: str
+    host: Host
+    argv: list[str]
+    logdir: Path
+    env: dict
+    network: Network
+    child: Optional[ChildProcess] = None
+    incarnation: int = 0
+    previous: list[ChildProcess] = field(default_factory=list)
+
+    def start(self) -> "LabNode":
+        self.incarnation += 1
+        log = self.logdir / (f"{self.name}.log" if self.incarnation == 1 else f"{self.name}.{self.incarnation}.log")
+        self.child = ChildProcess(self.name, self.host.command(self.argv), log, env=self.env)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def poll(self) -> Optional[int]:
+        return self.child.poll()
+
+    def crash(self) -> None:
+        """SIGKILL the main process only, as in a crash: its helpers (DHT, p2pd) are left behind."""
+        try:
+            os.kill(self.child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.child.wait(10)
+
+    def power_off(self) -> None:
+        """SIGKILL the whole process group at once, as when the machine dies."""
+        self.child.signal_group(signal.SIGKILL)
+        self.child.wait(10)
+
+    def pause(self) -> None:
+        self.child.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.child.signal_group(signal.SIGCONT)
+
+    def cut(self) -> None:
+        self.network.cut(self.host)
+
+    def restore(self) -> None:
+        self.network.restore(self.host)
+
+    def restart(self) -> "LabNode":
+        if self.child is not None:
+            self.previous.append(self.child)
+        return self.start()
+
+    def log_text(self) -> str:
+        return self.child.log_path.read_text(errors="replace") if self.child else ""
+
+    def stop(self, grace: float = 15.0) -> None:
+        stop_all([c for c in [*self.previous, self.child] if c is not None], grace=grace)
+
+
+class LabSwarm:
+    """A coordinator and peers on hosts of ``network``; :meth:`close` stops them all."""
+
+    def __init__(self, network: Network, workdir: Path, config: Path, threads: int = 1):
+        self.network, self.workdir, self.config = network, workdir, config
+        self.logdir = workdir / "logs"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(
+            os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), HF_DATASETS_OFFLINE="1",
+            HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        )
+        self.coordinator: Optional[LabNode] = None
+        self.peers: dict[str, LabNode] = {}
+
+    def _node(self, name: str, host: Host, args: list[str]) -> LabNode:
+        argv = [sys.executable, "-m", "dedloc", *args]
+        return LabNode(name, host, argv, self.logdir, self.env, self.network).start()
+
+    @property
+    def coordinator_dir(self) -> Path:
+        return self.workdir / "coordinator"
+
+    def start_coordinator(self, up_mbit: Optional[float] = None, down_mbit: Optional[float] = None,
+                          extra: tuple[str, ...] = ()) -> LabNode:
+        host = self.network.add_host("coordinator", up_mbit, down_mbit)
+        self.coordinator = self._node("coordinator", host, [
+            "coordinator", "--config", str(self.config), "--workdir", str(self.coordinator_dir),
+            "--host", host.address, "--dashboard-host", host.address, *extra,
+        ])
+        return self.coordinator
+
+    def join_info(self, timeout: float = 120.0) -> dict:
+        """The coordinator's join information, once its current incarnation has written it."""
+        path = self.coordinator_dir / "coordinator.json"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                info = json.loads(path.read_text())
+                if info.get("pid") == self.coordinator.pid:
+                    return info
+            except (OSError, ValueError):
+                pass
+            if self.coordinator.poll() is not None:
+                raise RuntimeError(f"the coordinator exited with {self.coordinator.poll()}:\n{self.coordinator.child.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the coordinator wrote no join information within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def start_peer(self, name: str, up_mbit: Optional[float] = None, down_mbit: Optional[float] = None,
+                   extra: tuple[str, ...] = ()) -> LabNode:
+        host = self.network.add_host(name, up_mbit, down_mbit)
+        workdir = self.workdir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        node = self._node(name, host, [
+            "peer", "--join", *self.join_info()["join"], "--host", host.address, "--workdir", str(workdir),
+            "--identity", str(workdir / "identity.key"), *extra,
+        ])
+        self.peers[name] = node
+        return node
+
+    def close(self) -> None:
+        nodes = [*self.peers.values(), *([self.coordinator] if self.coordinator else [])]
+        for node in nodes:
+            node.resume()  # a paused process cannot shut down
+        for node in nodes:
+            node.stop()
