@@ -58,6 +58,16 @@ def state_averager_prefix(prefix: str) -> str:
     return f"{prefix}_state_averager"
 
 
+class ReportingGradientAverager(GradientAverager):
+    """hivemind's gradient averager, logging (at info) when this peer begins a gradient-averaging round:
+    an operator sees where a stall happens, and fault tests use the line as their cue."""
+
+    def step(self, *args, **kwargs):
+        self.rounds_begun = getattr(self, "rounds_begun", 0) + 1
+        logger.info(f"averaging gradients (round {self.rounds_begun}, {self.local_samples_accumulated} local samples)")
+        return super().step(*args, **kwargs)
+
+
 def build_optimizer(
     dht: hivemind.DHT,
     config: RunConfig,
@@ -93,7 +103,7 @@ def build_optimizer(
             grad_compression=make_compression(averaging.grad_compression),
             state_averaging_compression=make_compression(averaging.state_compression),
             averager_opts=averager_opts,
-            grad_averager_factory=partial(GradientAverager, **averager_opts),
+            grad_averager_factory=partial(ReportingGradientAverager, **averager_opts),
             verbose=verbose,
         )
 
