@@ -203,10 +203,10 @@ class Coordinator:
             print(f"dashboard: {dashboard_url}", flush=True)
         return join
 
-    def record_steps(self, tracker: SwarmTracker, history) -> None:
+    def record_steps(self, tracker: SwarmTracker, history, final: bool = False) -> None:
         """Log every newly finished global step, append it to ``history.jsonl`` and the store, and
-        update the live figures and per-peer contributions."""
-        for record in tracker.poll():
+        update the live figures and per-peer contributions (``final``: see :meth:`SwarmTracker.poll`)."""
+        for record in tracker.poll(final=final):
             logger.info(record.log_line())
             history.write(json.dumps(record.to_json()) + "\n")
             history.flush()
@@ -311,6 +311,8 @@ class Coordinator:
         while tracker.logged_until < stop_at and time.monotonic() < deadline and not self.stop.is_set():
             self.record_steps(tracker, history)  # the last steps, as the remaining peers report them
             self.stop.wait(0.5)
+        if tracker.logged_until < stop_at:
+            self.record_steps(tracker, history, final=True)  # a straggler is still short of the end: log without it
         budget = time.monotonic() + 3 * (self.config.averaging.load_state_timeout + 2.0) + 60.0
         while checkpointer.busy and time.monotonic() < budget and not self.stop.is_set():
             checkpointer.wait(timeout=1.0)  # a periodic checkpoint still running

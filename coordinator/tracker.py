@@ -100,7 +100,9 @@ class SwarmTracker:
         """Samples contributed by all peers seen so far (each peer's own running total, summed)."""
         return sum(self.peer_samples.values())
 
-    def poll(self) -> list[StepRecord]:
+    def poll(self, final: bool = False) -> list[StepRecord]:
+        """New finished steps. ``final``: the run is over — every step some peer reached counts as
+        finished, even while a slower peer that is still alive has not reported it."""
         metrics, dropped = fetch_metrics(self.dht, self.prefix)
         for peer in dropped:
             if peer not in self._warned:
@@ -123,7 +125,7 @@ class SwarmTracker:
         finished = []
         for step in range(self.logged_until + 1, self.global_step + 1):
             everyone_there = all(m.step >= step for m in self.alive.values())
-            if step >= self.global_step and not everyone_there:
+            if step >= self.global_step and not everyone_there and not final:
                 break
             reports = self._reports.pop(step, {})
             total_mini_steps = sum(r.mini_steps for r in reports.values())
