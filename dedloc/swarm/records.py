@@ -349,18 +349,24 @@ def publish_status(
     return _store(dht, status_key(coordinator_id), owner_subkey(public_key), status.to_record(), MANIFEST_EXPIRATION, timeout)
 
 
-def fetch_status(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[RunStatus]:
-    records = _owned_items(dht, status_key(coordinator_id), coordinator_id, timeout)
+def _fetch_coordinator_record(dht: hivemind.DHT, key: str, coordinator_id: PeerID, model, what: str, timeout: float):
+    """The coordinator's record under ``key`` validated as ``model`` (a pydantic model); None when there
+    is none or it is malformed (logged); :class:`IncompatibleSwarmError` for another protocol version."""
+    records = _owned_items(dht, key, coordinator_id, timeout)
     if not records:
         return None
     value = records[0][1]
-    check_protocol(value, "run status")
+    check_protocol(value, what)
     try:
-        parsed = _StatusRecord.model_validate(value)
+        return model.model_validate(value)
     except pydantic.ValidationError as e:
-        logger.warning(f"ignoring a malformed run status record: {e}")
+        logger.warning(f"ignoring a malformed {what} record: {e}")
         return None
-    return RunStatus(**parsed.model_dump(exclude={"protocol"}))
+
+
+def fetch_status(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[RunStatus]:
+    parsed = _fetch_coordinator_record(dht, status_key(coordinator_id), coordinator_id, _StatusRecord, "run status", timeout)
+    return None if parsed is None else RunStatus(**parsed.model_dump(exclude={"protocol"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,16 +418,7 @@ def publish_summary(
 
 def fetch_summary(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[RunSummary]:
     """The coordinator's newest summary, or None when there is none (or it is malformed: logged)."""
-    records = _owned_items(dht, summary_key(coordinator_id), coordinator_id, timeout)
-    if not records:
-        return None
-    value = records[0][1]
-    check_protocol(value, "run summary")
-    try:
-        return RunSummary.model_validate(value)
-    except pydantic.ValidationError as e:
-        logger.warning(f"ignoring a malformed run summary record: {e}")
-        return None
+    return _fetch_coordinator_record(dht, summary_key(coordinator_id), coordinator_id, RunSummary, "run summary", timeout)
 
 
 # ---------------------------------------------------------------------------------------------
