@@ -60,6 +60,7 @@ NEXT_STEP_PERIOD = 2.0
 KNOWN_PEERS_PERIOD = 10.0
 PEERS_LEAVE_GRACE = 30.0
 LAST_STEPS_GRACE = 30.0
+END_AT_FILE = "END_AT"  # in the state directory: the organiser's request to end the run early
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Coordinator:
         self.store = HistoryStore.open(state.path / "history.db", jsonl=state.history)
         self.view = RunView(self.manifest, self.store, state.path, self.stop_at)
         self.dashboard: Optional[Dashboard] = None
+        self._bad_end_request: Optional[str] = None
         self.status = RunStatus(
             config.run_id, self.manifest.config_sha256, self.manifest.tokenizer_sha256, stop_at=self.stop_at,
             finished=False, checkpoint_step=self.resumed.step if self.resumed else None,
@@ -280,6 +282,7 @@ class Coordinator:
         last_publish = last_peers = last_summary = last_next_step = time.monotonic()
         while not self.stop.is_set():
             self.record_steps(tracker, history)
+            self.check_end_request(tracker)
             if tracker.global_step >= self.stop_at:
                 return
             if time.monotonic() - last_next_step > NEXT_STEP_PERIOD:
@@ -302,6 +305,36 @@ class Coordinator:
                     self.state.remember(peers=peers)
                 last_peers = time.monotonic()
             self.stop.wait(1.0)
+
+    def check_end_request(self, tracker: SwarmTracker) -> None:
+        """End the run early if the organiser wrote a step into ``END_AT`` in the state directory.
+
+        The run ends at that step, or at the next one if the swarm is already there; a request beyond
+        the current end is ignored. Peers learn the new end from the published status and finish with
+        a final state-averaging round, as at the planned end. The file stays, so a restarted
+        coordinator keeps to it.
+        """
+        path = self.state.path / END_AT_FILE
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            text = f"<unreadable: {e}>"
+        try:
+            wanted = int(text)
+        except ValueError:
+            if text != self._bad_end_request:
+                logger.warning(f"{path} should hold a step number (got {text[:40]!r}); ignoring it")
+                self._bad_end_request = text
+            return
+        end = max(wanted, tracker.global_step + 1)
+        if end >= self.stop_at:
+            return
+        logger.info(f"ending the run at step {end}, as {path} asks (it was to end at step {self.stop_at})")
+        self.stop_at = tracker.last_step = self.view.stop_at = end
+        self.status = dataclasses.replace(self.status, stop_at=end)
+        self.publish()
 
     def finish(self, tracker: SwarmTracker, history) -> int:
         """Final checkpoint, then announce the end and give the peers time to leave."""

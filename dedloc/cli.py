@@ -10,6 +10,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Optional, Sequence
@@ -273,4 +275,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             file=sys.stderr,
         )
         code = EXIT_UNEXPECTED
+    _exit(code)
+
+
+def _exit(code: int, grace: float = 10.0) -> None:
+    """Exit with ``code``, even when a library left a non-daemon thread running (e.g. hivemind's
+    progress tracker of an optimizer whose construction failed): never hang after the work is over."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

@@ -36,8 +36,10 @@ from dedloc.swarm.records import (
     publish_metrics,
 )
 from dedloc.task.build import PeerTask
+from dedloc.task.model import parameter_fingerprint
 
 from .progress_view import PeerProgress, ProgressView
+from .swarm_contact import SwarmContact
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,7 @@ class PeerTrainer:
         self.peer_id = identity.peer_id.to_base58()
         self.view = view or ProgressView(enabled=False)
         self.rate_watcher = SwarmRateWatcher(dht, self.prefix, self.peer_id)
+        self.contact = SwarmContact(dht, self.prefix, self.peer_id, coordinator_id)
         self.samples_contributed = 0
         self.peers_at_start = 1
         self.others_at_sync = 0
@@ -223,10 +226,8 @@ class PeerTrainer:
         checkpoint_step = status.checkpoint_step if status is not None and not describe_mismatch(self.manifest, status) else None
         global_step = max(self.opt.tracker.global_epoch, checkpoint_step or 0)
         if global_step > self.opt.local_epoch:
-            started = time.monotonic()
             logger.info(f"the swarm is at step {global_step}: downloading its state")
-            self.opt.load_state_from_peers()
-            logger.info(f"state downloaded in {time.monotonic() - started:.1f} s: now at step {self.opt.local_epoch}")
+            self.catch_up(global_step, attempts=1)  # the step may come from records of peers that have left
 
     def announce_to_tracker(self) -> None:
         """Publish this peer in hivemind's progress records (0 samples at its current step).
@@ -277,7 +278,8 @@ class PeerTrainer:
         logger.info(
             f"step={self.opt.local_epoch} loss={'n/a' if loss is None else f'{loss:.4f}'} "
             f"samples/s={self.opt.tracker.performance_ema.samples_per_second:.1f} "
-            f"peers={max(progress.num_peers, 1)} contributed={self.samples_contributed}"
+            f"peers={max(progress.num_peers, 1)} contributed={self.samples_contributed} "
+            f"params={parameter_fingerprint(self.task.model):.10g}"
         )
 
     def progress(self) -> PeerProgress:
@@ -315,6 +317,10 @@ class PeerTrainer:
             and not self.run_changed()
             and opt.local_epoch < self.stop_at()
         ):
+            if self.contact.lost.is_set():
+                self.wait_for_contact()
+                stats, epoch = StepStats(), opt.local_epoch
+                continue
             batch = next(batches)
             loss = model(**batch).loss
             loss.backward()
@@ -334,6 +340,52 @@ class PeerTrainer:
             elif time.monotonic() - self._last_publish > HEARTBEAT_PERIOD:
                 self.publish(self.last_loss, 0)
             self.view.update(self.progress())
+
+    def wait_for_contact(self) -> None:
+        """Cut off from the swarm: train no further (what this peer would compute alone is lost anyway),
+        and offer nobody this peer's state; once back in touch, take the swarm's state if other peers
+        trained meanwhile. Gradients accumulated before the outage are dropped with the download."""
+        for averager in (self.opt.state_averager, self.opt.grad_averager):
+            averager.state_sharing_priority = -1.0
+        while self.contact.lost.is_set() and not self.stop.is_set() and not self.run_finished():
+            self.stop.wait(0.5)
+        if not self.contact.regained.is_set() or self.stop.is_set():
+            return
+        self.contact.regained.clear()
+        records, _ = fetch_metrics(self.dht, self.prefix)
+        others = [m for m in records.values() if m.peer_id != self.peer_id and time.time() - m.time < ONLINE_WINDOW]
+        if not others:
+            logger.info(f"no other peer trained while this one was cut off: continuing from step {self.opt.local_epoch}")
+            for averager in (self.opt.state_averager, self.opt.grad_averager):
+                averager.state_sharing_priority = self.opt.local_epoch
+            return
+        swarm_step = max(m.step for m in others)
+        logger.info(
+            f"this peer is at step {self.opt.local_epoch}, the swarm at step {swarm_step}: downloading its state "
+            "(gradients accumulated before the outage are dropped)"
+        )
+        self.catch_up(swarm_step)
+
+    def catch_up(self, swarm_step: int, attempts: int = 6) -> None:
+        """Download the swarm's state until this peer is at ``swarm_step`` or later, retrying with backoff.
+
+        hivemind's download returns without a word when no donor could serve (right after an outage
+        the others cannot be dialled yet) or when the only donor is behind this peer, so the step is
+        checked after each try. After ``attempts`` tries this peer carries on; hivemind downloads the
+        state again once it sees this peer behind.
+        """
+        started, delay = time.monotonic(), 1.0
+        for attempt in range(1, attempts + 1):
+            self.opt.load_state_from_peers()
+            if self.opt.local_epoch >= swarm_step or self.stop.is_set() or attempt == attempts:
+                break
+            logger.info(f"no donor could serve step {swarm_step} yet (try {attempt} of {attempts}); retrying in {delay:.0f} s")
+            self.stop.wait(delay)
+            delay = min(delay * 2, 16.0)
+        logger.info(
+            f"state downloaded in {time.monotonic() - started:.1f} s: now at step {self.opt.local_epoch}, "
+            f"{self.opt.grad_averager.local_samples_accumulated} samples accumulated"
+        )
 
     def final_sync(self) -> None:
         """One last synchronous state-averaging round with the peers still here, so that every peer —
@@ -366,6 +418,7 @@ class PeerTrainer:
 
     def run(self) -> None:
         self.watcher.start()
+        self.contact.start()
         if self.view.enabled:
             self.rate_watcher.start()
         try:
@@ -377,6 +430,7 @@ class PeerTrainer:
             self.wait_for_end()
         finally:
             self.watcher.stop()
+            self.contact.stop()
             self.rate_watcher.stop()
         status = self.watcher.status
         changed = self.run_changed()

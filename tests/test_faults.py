@@ -4,6 +4,8 @@ daemons log — not on a clock — before injecting its fault. Needs root; skipp
 
 from __future__ import annotations
 
+import math
+import re
 import time
 
 import pytest
@@ -15,6 +17,7 @@ from helpers import read_history, small_run_config, wait_for
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(480)]
 
 AVERAGING_TIMEOUT = 15.0
+PARTITION = 60.0
 
 
 @pytest.fixture
@@ -107,3 +110,58 @@ def test_a_paused_peer_rejoins(lab):
     assert _last_step(swarm) == 14
     # it trained on after waking up (hivemind may log a failed round or download on the way: it retries)
     assert "the run is finished at step 14" in sleeper.log_text()
+
+
+def _step_lines(node) -> list[dict]:
+    """The peer's step lines: step, contributed samples, parameter fingerprint, and where in the log."""
+    text = node.log_text()
+    return [dict(step=int(m[1]), contributed=int(m[2]), params=float(m[3]), at=m.start())
+            for m in re.finditer(r"step=(\d+) loss=\S+ samples/s=\S+ peers=\d+ contributed=(\d+) params=(\S+)", text)]
+
+
+def test_a_cut_off_peer_resynchronises(lab):
+    """One peer's link is cut for 60 s, then restored: it stops training when it notices, the others go
+    on; back, it sees it is behind, downloads the swarm's state, drops what it had accumulated before
+    the outage, and holds the others' parameters from its first step on."""
+    swarm = lab(peers=3, total_steps=16)
+    cut_off, others = swarm.peers["peer-3"], [swarm.peers["peer-1"], swarm.peers["peer-2"]]
+    wait_for(lambda: _last_step(swarm) >= 2, 300, "2 global steps", watch=_nodes(swarm))
+
+    step_at_cut = _last_step(swarm)
+    cut_off.cut()
+    cut_at = time.monotonic()
+    wait_for(lambda: "lost touch with the swarm" in cut_off.log_text(), 30, "peer-3 to notice the outage",
+             watch=_nodes(swarm))
+    noticed = time.monotonic() - cut_at
+    swarm.coordinator.child.wait(max(0.0, PARTITION - (time.monotonic() - cut_at)))  # the outage lasts 60 s
+    step_at_restore = _last_step(swarm)
+    cut_off.restore()
+    print(f"noticed after {noticed:.1f} s; the others went from step {step_at_cut} to {step_at_restore} meanwhile")
+    assert step_at_restore >= step_at_cut + 2, "the others stalled while peer-3 was cut off"
+
+    for node in [swarm.coordinator, *others, cut_off]:
+        wait_for(lambda: node.poll() is not None, 300, f"{node.name} to finish", watch=[node.child])
+        assert node.poll() == 0, node.child.log_tail(30)
+    assert _last_step(swarm) == 16
+
+    log = cut_off.log_text()
+    behind = re.search(r"this peer is at step (\d+), the swarm at step (\d+): downloading its state", log)
+    assert behind and int(behind[2]) > int(behind[1]), "peer-3 did not notice it was behind"
+    downloaded = re.search(r"state downloaded in \S+ s: now at step (\d+), (\d+) samples accumulated", log[behind.end():])
+    assert downloaded and int(downloaded[1]) >= int(behind[2]) and int(downloaded[2]) == 0, downloaded
+    # no gradient averaging round began between getting back in touch and the download: nothing from
+    # before the outage reached the swarm, and the first round after it holds fresh samples only
+    back = log.index("back in touch with the swarm")
+    assert "averaging gradients (round" not in log[back:behind.end() + downloaded.end()]
+
+    # from then on it stepped only on gradients averaged with the others (none from before the outage,
+    # none stepped alone), and it holds their parameters: the swarm's compression and rounds left
+    # half-done by some peer leave differences of a few 1e-4
+    assert "stepping with this peer's own gradients only" not in log[behind.end():]
+    after = [line for line in _step_lines(cut_off) if line["at"] > behind.end()]
+    assert after and after[-1]["contributed"] > after[0]["contributed"], "peer-3 did not train after getting back"
+    theirs = {line["step"]: line["params"] for other in others for line in _step_lines(other)}
+    assert any(math.isclose(line["params"], theirs.get(line["step"], math.inf), rel_tol=1e-3) for line in after), (after, theirs)
+    final = [_step_lines(node)[-1] for node in [*others, cut_off]]
+    assert {line["step"] for line in final} == {16}
+    assert max(line["params"] for line in final) - min(line["params"] for line in final) <= 1e-3 * abs(final[0]["params"])

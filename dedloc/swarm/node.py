@@ -7,6 +7,7 @@ unless asked for (``nat_traversal=True``, for volunteers on the real internet).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -15,10 +16,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterable, Optional, Sequence
 
 import hivemind
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from dedloc.errors import SwarmUnreachableError, UserInputError
@@ -147,6 +150,33 @@ def connected_peer_maddrs(dht: hivemind.DHT, timeout: float = 5.0) -> list[str]:
         return list(dht.run_coroutine(_connected_peer_maddrs, return_future=True).result(timeout))
     except Exception as e:
         logger.debug(f"cannot list connected peers: {e!r}")
+        return []
+
+
+async def _ping_peers(dht: hivemind.DHT, node, peer_ids: Sequence[str], timeout: float) -> list[str]:
+    """Runs inside the DHT process: ping each peer at once; those that answer within ``timeout`` go
+    (back) into the routing table. An unreachable peer (a dial can hang far longer) does not hold up the rest."""
+    pings = {asyncio.ensure_future(node.protocol.call_ping(PeerID.from_base58(p))): p for p in peer_ids}
+    done, pending = await asyncio.wait(pings, timeout=timeout)
+    for ping in pending:
+        ping.cancel()
+    return [pings[ping] for ping in done if not ping.cancelled() and ping.exception() is None and ping.result() is not None]
+
+
+def ping_peers(dht: hivemind.DHT, peer_ids: Sequence[str], timeout: float = 5.0) -> list[str]:
+    """The peers among ``peer_ids`` (base58) that answer a DHT ping within ``timeout`` seconds (about).
+
+    A peer that answers is put back into this node's routing table: after a network outage has emptied
+    it, this is what reconnects the node to the DHT (hivemind refreshes its routing table only from
+    peers already in it, and never re-contacts its initial peers).
+    """
+    if not peer_ids:
+        return []
+    try:
+        future = dht.run_coroutine(partial(_ping_peers, peer_ids=list(peer_ids), timeout=timeout), return_future=True)
+        return list(future.result(timeout + 5.0))
+    except Exception as e:
+        logger.debug(f"cannot ping peers: {e!r}")
         return []
 
 

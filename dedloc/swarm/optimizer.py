@@ -68,6 +68,40 @@ class ReportingGradientAverager(GradientAverager):
         return super().step(*args, **kwargs)
 
 
+class SwarmOptimizer(hivemind.Optimizer):
+    """``hivemind.Optimizer`` that never lets a peer step on gradients the swarm did not average with it.
+
+    hivemind lets a peer that missed the swarm's last round — it was cut off, paused, or slow — "catch
+    up" by averaging alone and stepping with its own gradients, computed on parameters the swarm has
+    already moved past (``_should_load_state_from_peers`` tolerates being one step behind). Such a peer
+    holds a model nobody else has. Here it drops those gradients and downloads the swarm's state
+    instead. Each step taken with this peer's own gradients alone (averaging failed, or no other peer
+    was there) is logged and counted in :attr:`solo_steps`.
+    """
+
+    solo_steps = 0
+
+    def _should_load_state_from_peers(self) -> bool:
+        if super()._should_load_state_from_peers():
+            return True
+        behind = self.local_epoch < self.tracker.global_epoch
+        if behind and not self.auxiliary:
+            logger.info(
+                f"the swarm moved to step {self.tracker.global_epoch} without this peer (at step {self.local_epoch}): "
+                "dropping its gradients and downloading the swarm's state"
+            )
+        return behind
+
+    def _load_local_gradients_into_optimizer(self):
+        if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
+            self.solo_steps += 1
+            logger.info(
+                f"stepping with this peer's own gradients only ({self.grad_averager.local_samples_accumulated} samples): "
+                "averaging with the others failed"
+            )
+        return super()._load_local_gradients_into_optimizer()
+
+
 def build_optimizer(
     dht: hivemind.DHT,
     config: RunConfig,
@@ -75,8 +109,8 @@ def build_optimizer(
     model: torch.nn.Module,
     micro_batch_size: int,
     verbose: bool = False,
-) -> hivemind.Optimizer:
-    """A ``hivemind.Optimizer`` for ``model`` under the swarm's ``prefix`` (see
+) -> SwarmOptimizer:
+    """A :class:`SwarmOptimizer` (``hivemind.Optimizer``) for ``model`` under the swarm's ``prefix`` (see
     :attr:`RunManifest.swarm_prefix`): every ``step()`` adds ``micro_batch_size`` samples.
 
     Client mode comes from the DHT (hivemind's Optimizer ignores its own ``client_mode`` argument
@@ -88,7 +122,7 @@ def build_optimizer(
     if averaging.target_group_size is not None:
         averager_opts["target_group_size"] = averaging.target_group_size
     with _keeping_sigint_handler():
-        return hivemind.Optimizer(
+        return SwarmOptimizer(
             dht=dht,
             run_id=prefix,
             target_batch_size=config.training.target_batch_size,
@@ -99,6 +133,9 @@ def build_optimizer(
             matchmaking_time=averaging.matchmaking_time,
             averaging_timeout=averaging.averaging_timeout,
             load_state_timeout=averaging.load_state_timeout,
+            # hivemind defaults this to matchmaking_time (2 s): a donor busy on a home uplink then fails
+            # state downloads, and an all-reduce sender is dropped after a 2 s pause
+            next_chunk_timeout=averaging.next_chunk_timeout,
             average_state_every=averaging.average_state_every,
             grad_compression=make_compression(averaging.grad_compression),
             state_averaging_compression=make_compression(averaging.state_compression),
@@ -130,6 +167,7 @@ class StateReader:
                 initialize_optimizer=True,
                 client_mode=False,
                 allow_state_sharing=False,
+                next_chunk_timeout=config.averaging.next_chunk_timeout,
                 start=True,
             )
 

@@ -37,3 +37,15 @@ def build_model(model: ModelSection, tokenizer: PreTrainedTokenizerFast, seed: i
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def parameter_fingerprint(module: torch.nn.Module) -> float:
+    """One number that summarises the parameters, for telling apart peers whose models differ.
+
+    Peers holding the same parameters print the same value; averaging with lossy compression leaves
+    differences in the last digits only. Weighting each tensor by its position keeps two tensors from
+    cancelling each other's change.
+    """
+    with torch.no_grad():
+        return float(sum((index + 1) * p.detach().double().sum() + p.detach().double().square().sum()
+                         for index, p in enumerate(module.parameters())))
