@@ -8,8 +8,9 @@ Runs the swarm lab (each daemon on its own network namespace with a tbf-shaped l
 about every ``--fault-every`` seconds — a random peer powered off (its whole process group killed),
 crashed (its main process killed, leaving its DHT and p2pd behind) or cut off the network, then
 restarted or reconnected some 15–45 s later. At least two peers are left untouched at any time.
-When the time is up every peer is brought back, the run is ended three steps on (``END_AT``), the
-peers finish with a final state-averaging round and write their parameters.
+When the time is up every peer is brought back; once each has caught up with the swarm, the run is
+ended four steps on (``END_AT``: peers must hear of it before they get there), and the peers finish with a final state-averaging round and write
+their parameters.
 
 Prints, per run: global steps in the window, longest stall between global steps, peers wedged (alive
 and connected, but no step of theirs for 3 × averaging_timeout), the largest parameter difference
@@ -119,6 +120,12 @@ def _log_times(text: str, pattern: str, day: dt.date) -> list[float]:
     return times
 
 
+def _peer_step(node: LabNode) -> int:
+    """The newest step the current incarnation of a peer reports holding (a step line or a download)."""
+    found = re.findall(r"step=(\d+) loss=|now at step (\d+)", node.log_text())
+    return max((int(a or b) for a, b in found), default=-1)
+
+
 class Soak:
     def __init__(self, root: Path, peers: int, minutes: float, fault_every: float, up: float, down: float,
                  seed: int, faults: bool):
@@ -156,9 +163,13 @@ class Soak:
             for name in list(self.down_since):
                 self._recover(swarm, name, time.monotonic() - started)
             window_end = time.time()
+            at_recovery = _history(swarm)[-1]["step"]
+            print(f"[{label}] time is up at step {at_recovery}; waiting for every peer to catch up", flush=True)
+            self._wait(lambda: all(_peer_step(node) >= at_recovery for node in swarm.peers.values()), 300,
+                       "every peer to catch up with the swarm", swarm)
             last = _history(swarm)[-1]["step"]
-            (swarm.coordinator_dir / "END_AT").write_text(f"{last + 3}\n")
-            print(f"[{label}] time is up at step {last}: ending the run at step {last + 3}", flush=True)
+            (swarm.coordinator_dir / "END_AT").write_text(f"{last + 4}\n")
+            print(f"[{label}] every peer is at step {at_recovery} or later: ending the run at step {last + 4}", flush=True)
             nodes = [swarm.coordinator, *swarm.peers.values()]
             self._wait(lambda: all(node.poll() is not None for node in nodes), 600, "the run to end", None)
             return self._report(label, swarm, first, window_end)

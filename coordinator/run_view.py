@@ -17,11 +17,10 @@ from typing import Optional
 
 from dedloc import PROTOCOL_VERSION
 from dedloc.logs import short_id
-from dedloc.swarm.records import MAX_SUMMARY_CONTRIBUTORS, Contributor, RunManifest, RunSummary
+from dedloc.swarm.records import MAX_SUMMARY_CONTRIBUTORS, ONLINE_WINDOW, Contributor, RunManifest, RunSummary
 
 from .history_store import HistoryStore
 
-ALIVE_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ class RunView:
 
     def peers(self) -> list[dict]:
         """``/api/peers``: peers seen in the last minute (no addresses: ids, names, figures)."""
-        rows = self.store.peers(alive_within=ALIVE_WINDOW, now=time.time())
+        rows = self.store.peers(alive_within=ONLINE_WINDOW, now=time.time())
         return [dict(row, short_id=short_id(row["peer_id"])) for row in rows]
 
     def leaderboard(self, limit: int = 50) -> list[dict]:

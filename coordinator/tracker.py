@@ -16,11 +16,10 @@ import hivemind
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
 
-from dedloc.swarm.records import PeerMetrics, fetch_metrics
+from dedloc.swarm.records import ONLINE_WINDOW, PeerMetrics, fetch_metrics
 
 logger = logging.getLogger(__name__)
 
-ALIVE_WINDOW = 60.0
 """A peer counts as alive if its newest record is younger than this (peers refresh every 30 s)."""
 
 
@@ -114,7 +113,7 @@ class SwarmTracker:
                 self._warned.add(pid)
                 logger.warning(f"ignoring peer {pid}: it claims step {m.step}, beyond the run's last step {self.last_step}")
         self.alive = {
-            pid: m for pid, m in metrics.items() if now - m.time < ALIVE_WINDOW and m.step <= self.last_step
+            pid: m for pid, m in metrics.items() if now - m.time < ONLINE_WINDOW and m.step <= self.last_step
         }
         for pid, m in self.alive.items():
             self.peer_samples[pid] = max(self.peer_samples.get(pid, 0), m.samples)

@@ -153,9 +153,8 @@ class AveragingSection(_Section):
     """Seconds after which an averaging round is abandoned."""
     load_state_timeout: float = Field(120.0, gt=0)
     """Seconds a newcomer may take to download the current state."""
-    next_chunk_timeout: float = Field(10.0, gt=0)
-    """Seconds to wait for the next piece of an all-reduce part or of a state download from one peer;
-    a peer that stalls longer is given up on (a state download moves on to the next donor)."""
+    download_chunk_timeout: float = Field(10.0, gt=0)
+    """Seconds a state download waits for the next piece from one donor before it moves on to the next."""
     average_state_every: int = Field(1, gt=0)
     """Average parameters and optimizer statistics every this many global steps (keeps peers identical)."""
     grad_compression: Compression = "fp16"

@@ -27,11 +27,17 @@ from dedloc.logs import short_id
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, start_dht
-from dedloc.swarm.records import ManifestHeader, fetch_manifest_header, fetch_metrics, fetch_status, fetch_summary
+from dedloc.swarm.records import (
+    ONLINE_WINDOW,
+    ManifestHeader,
+    fetch_manifest_header,
+    fetch_metrics,
+    fetch_status,
+    fetch_summary,
+)
 
 logger = logging.getLogger(__name__)
 
-ONLINE_WINDOW = 60.0
 
 
 @dataclass

@@ -18,11 +18,10 @@ import hivemind
 from hivemind.p2p import PeerID
 
 from dedloc.swarm.node import ping_peers
-from dedloc.swarm.records import fetch_metrics
+from dedloc.swarm.records import ONLINE_WINDOW, fetch_metrics
 
 logger = logging.getLogger(__name__)
 
-ONLINE_WINDOW = 60.0  # a peer whose newest metrics record is older than this has left
 MAX_PINGS = 8
 
 

@@ -28,6 +28,8 @@ from dedloc.swarm.identity import Identity
 from dedloc.swarm.records import (
     PeerMetrics,
     RunManifest,
+    METRICS_HEARTBEAT,
+    ONLINE_WINDOW,
     RunStatus,
     describe_mismatch,
     fetch_metrics,
@@ -43,9 +45,8 @@ from .swarm_contact import SwarmContact
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_PERIOD = 30.0
-ONLINE_WINDOW = 60.0  # a peer whose newest record is older than this has left
 SWARM_RATE_PERIOD = 5.0
+FINAL_SYNC_WINDOWS = 3
 # hivemind estimates the time to the next step from its samples/s, which starts near zero: such an
 # estimate (years) is shown as unknown
 MAX_ETA = 24 * 3600.0
@@ -111,6 +112,28 @@ class SwarmRateWatcher(threading.Thread):
         self._stop.set()
 
 
+class MetricsHeartbeat(threading.Thread):
+    """Republishes the peer's metrics when nothing was published for ``METRICS_HEARTBEAT`` seconds,
+    also while training is held up in a long averaging round or a state download. A frozen peer
+    (SIGSTOP, a suspended laptop) stops beating with it, and drops out of the swarm's count."""
+
+    def __init__(self, trainer: "PeerTrainer"):
+        super().__init__(name="metrics-heartbeat", daemon=True)
+        self.trainer = trainer
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(1.0):
+            if time.monotonic() - self.trainer._last_publish > METRICS_HEARTBEAT:
+                try:
+                    self.trainer.publish(self.trainer.last_loss, 0)
+                except Exception as e:  # best effort: the next beat tries again
+                    logger.debug(f"heartbeat failed: {e!r}")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 @dataclass
 class StepStats:
     """What this peer computed toward the current global step."""
@@ -149,10 +172,10 @@ class PeerTrainer:
         self.rate_watcher = SwarmRateWatcher(dht, self.prefix, self.peer_id)
         self.contact = SwarmContact(dht, self.prefix, self.peer_id, coordinator_id)
         self.samples_contributed = 0
-        self.peers_at_start = 1
-        self.others_at_sync = 0
         self.last_loss: Optional[float] = None
         self._last_publish = 0.0
+        self._publish_lock = threading.Lock()
+        self.heartbeat = MetricsHeartbeat(self)
 
     # ----------------------------------------------------------------------------------------------
     def stop_at(self) -> int:
@@ -186,8 +209,9 @@ class PeerTrainer:
             device="cpu",
             client_mode=bool(self.dht.client_mode),
         )
-        publish_metrics(self.dht, self.prefix, self.identity.public_key, metrics)
-        self._last_publish = time.monotonic()
+        with self._publish_lock:
+            publish_metrics(self.dht, self.prefix, self.identity.public_key, metrics)
+            self._last_publish = time.monotonic()
 
     def say_goodbye(self, timeout: float = 5.0) -> None:
         """Withdraw this peer's metrics so the coordinator stops counting it at once (best effort)."""
@@ -206,7 +230,6 @@ class PeerTrainer:
             self.publish(None, 0)
             records, _ = fetch_metrics(self.dht, self.prefix)
             online = [m for m in records.values() if time.time() - m.time < ONLINE_WINDOW]
-            self.peers_at_start = max(len(online), 1)
             if len(online) >= wanted:
                 return
             if not announced:
@@ -221,7 +244,6 @@ class PeerTrainer:
         """Download the current state if the swarm — or the coordinator's newest checkpoint, when every
         peer had left — is ahead of this peer."""
         self.opt.tracker.fetched_global_progress_this_epoch.wait(timeout=10)
-        self.others_at_sync = self.opt.tracker.global_progress.num_peers  # records of others: mine is not out yet
         status = fetch_status(self.dht, self.watcher.coordinator_id)
         checkpoint_step = status.checkpoint_step if status is not None and not describe_mismatch(self.manifest, status) else None
         global_step = max(self.opt.tracker.global_epoch, checkpoint_step or 0)
@@ -258,16 +280,24 @@ class PeerTrainer:
             logger.debug(f"could not announce this peer to the progress tracker: {e!r}")
 
     def wait_for_first_round(self) -> None:
-        """Before contributing, wait until hivemind's tracker counts every peer this peer knows of
-        (at least ``min_peers``, itself included), so its first step is taken together with them."""
-        wanted = max(self.config.training.min_peers, self.peers_at_start, self.others_at_sync + 1)
-        if wanted <= 1:
-            return
-        self.announce_to_tracker()
+        """Before contributing, wait until hivemind's tracker counts every peer online now (by their
+        fresh metrics records, itself included), so its first step is taken together with them.
+
+        The count is taken again every few seconds: a peer that left meanwhile is not waited for, and
+        a restarted peer's own old record (same identity) does not count as another peer.
+        """
         deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
+        wanted, counted_at, announced_at = 1, -math.inf, -math.inf
         while not self.stop.is_set() and time.monotonic() < deadline:
-            if self.opt.tracker.global_progress.num_peers >= wanted:
+            if time.monotonic() - counted_at > 2.0:
+                records, _ = fetch_metrics(self.dht, self.prefix)
+                wanted = 1 + sum(1 for m in records.values() if m.peer_id != self.peer_id and time.time() - m.time < ONLINE_WINDOW)
+                counted_at = time.monotonic()
+            if wanted <= 1 or self.opt.tracker.global_progress.num_peers >= wanted:
                 return
+            if time.monotonic() - announced_at > ONLINE_WINDOW / 2:  # the announcement expires
+                self.announce_to_tracker()
+                announced_at = time.monotonic()
             self.stop.wait(0.2)
         if not self.stop.is_set():
             logger.warning(f"hivemind sees {self.opt.tracker.global_progress.num_peers} of {wanted} peers; starting anyway")
@@ -337,8 +367,6 @@ class PeerTrainer:
                 self.publish(self.last_loss, len(stats.losses))
                 self.log_step(stats)
                 stats = StepStats()
-            elif time.monotonic() - self._last_publish > HEARTBEAT_PERIOD:
-                self.publish(self.last_loss, 0)
             self.view.update(self.progress())
 
     def wait_for_contact(self) -> None:
@@ -392,12 +420,18 @@ class PeerTrainer:
         and the checkpoint the coordinator takes from any of them — ends the run with the same parameters."""
         if self.opt.tracker.global_progress.num_peers < 2:
             return  # alone: nobody to agree with
+        # peers reach the last step up to a few seconds apart (a slow or recovering one later): the
+        # round starts FINAL_SYNC_WINDOWS matchmaking windows from now, and every peer that arrives
+        # before the first one's round starts joins it, so they all end with the same parameters
+        window = FINAL_SYNC_WINDOWS * self.config.averaging.matchmaking_time
         try:
             self.opt.state_averager.step(wait_for_delayed_updates=True)
             self.opt.state_averager.step(
                 averaging_round=True,
                 delay_averaging=False,
-                averaging_opts=dict(timeout=self.config.averaging.averaging_timeout),
+                averaging_opts=dict(
+                    scheduled_time=get_dht_time() + window, timeout=window + self.config.averaging.averaging_timeout
+                ),
             )
         except Exception as e:
             logger.warning(f"the final state-averaging round failed ({e!r}); keeping this peer's own state")
@@ -409,8 +443,6 @@ class PeerTrainer:
         logger.info(f"reached step {self.opt.local_epoch}, the end of the run: waiting for the coordinator's final checkpoint")
         deadline = time.monotonic() + self.end_grace
         while not self.stop.is_set() and not self.run_finished() and time.monotonic() < deadline:
-            if time.monotonic() - self._last_publish > HEARTBEAT_PERIOD:
-                self.publish(self.last_loss, 0)
             self.watcher.changed.wait(1.0)
             self.watcher.changed.clear()
         if not self.run_finished() and not self.stop.is_set():
@@ -419,6 +451,7 @@ class PeerTrainer:
     def run(self) -> None:
         self.watcher.start()
         self.contact.start()
+        self.heartbeat.start()
         if self.view.enabled:
             self.rate_watcher.start()
         try:
@@ -431,6 +464,7 @@ class PeerTrainer:
         finally:
             self.watcher.stop()
             self.contact.stop()
+            self.heartbeat.stop()
             self.rate_watcher.stop()
         status = self.watcher.status
         changed = self.run_changed()

@@ -27,6 +27,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from dedloc.config import Compression, RunConfig
+from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,13 @@ def build_optimizer(
     """
     averaging = config.averaging
     # hivemind warns (and may deadlock in rare cases) when requests may outlive matchmaking
-    averager_opts = {"request_timeout": min(3.0, averaging.matchmaking_time / 2)}
+    averager_opts = {
+        "request_timeout": min(3.0, averaging.matchmaking_time / 2),
+        # in an all-reduce, a peer silent for this long is dropped from the round (hivemind's default);
+        # state downloads wait longer (download_chunk_timeout, below)
+        "sender_timeout": averaging.matchmaking_time,
+        "reducer_timeout": 2 * averaging.matchmaking_time,
+    }
     if averaging.target_group_size is not None:
         averager_opts["target_group_size"] = averaging.target_group_size
     with _keeping_sigint_handler():
@@ -134,12 +141,15 @@ def build_optimizer(
             averaging_timeout=averaging.averaging_timeout,
             load_state_timeout=averaging.load_state_timeout,
             # hivemind defaults this to matchmaking_time (2 s): a donor busy on a home uplink then fails
-            # state downloads, and an all-reduce sender is dropped after a 2 s pause
-            next_chunk_timeout=averaging.next_chunk_timeout,
+            # state downloads
+            next_chunk_timeout=averaging.download_chunk_timeout,
             average_state_every=averaging.average_state_every,
             grad_compression=make_compression(averaging.grad_compression),
             state_averaging_compression=make_compression(averaging.state_compression),
             averager_opts=averager_opts,
+            # a frozen peer stops refreshing its progress record: it leaves hivemind's count (and its
+            # samples the target batch) once the record expires, as it leaves dedloc's metrics count
+            tracker_opts={"metadata_expiration": ONLINE_WINDOW},
             grad_averager_factory=partial(ReportingGradientAverager, **averager_opts),
             verbose=verbose,
         )
@@ -167,7 +177,7 @@ class StateReader:
                 initialize_optimizer=True,
                 client_mode=False,
                 allow_state_sharing=False,
-                next_chunk_timeout=config.averaging.next_chunk_timeout,
+                next_chunk_timeout=config.averaging.download_chunk_timeout,
                 start=True,
             )
 

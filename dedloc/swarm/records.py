@@ -46,6 +46,11 @@ MAX_TOKENIZER_BYTES = 8 * 1024 * 1024
 TOKENIZER_CHUNK = 2048
 MANIFEST_EXPIRATION = 3600.0
 METRICS_EXPIRATION = 120.0
+METRICS_HEARTBEAT = 8.0
+"""A training peer republishes its metrics at least this often, from a thread of its own."""
+ONLINE_WINDOW = 25.0
+"""A peer whose newest metrics record is older than this is not counted: it left, or it is frozen
+(a suspended laptop, a paused process), so it must not count while it cannot contribute."""
 
 
 def swarm_prefix(run_id: str, config_sha256: str, tokenizer_sha256: str) -> str:
