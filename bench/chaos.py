@@ -70,7 +70,7 @@ class SoakResult:
     bad_exits: dict[str, int]
     faults: list[Fault] = field(default_factory=list)
 
-    def failures(self) -> list[str]:
+    def failures(self, max_divergence: float = DIVERGENCE_LIMIT) -> list[str]:
         problems = []
         if self.steps == 0:
             problems.append("no global step in the window")
@@ -80,7 +80,7 @@ class SoakResult:
             problems.append(f"bad exits: {self.bad_exits}")
         if self.checkpoints_loadable < self.checkpoints or self.checkpoints == 0:
             problems.append(f"checkpoints loadable: {self.checkpoints_loadable} of {self.checkpoints}")
-        if self.divergence is None or self.divergence > DIVERGENCE_LIMIT:
+        if self.divergence is None or self.divergence > max_divergence:
             problems.append(f"finished peers disagree: {self.divergence}")
         return problems
 
@@ -310,6 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without faults")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("chaos-results"))
+    parser.add_argument("--max-divergence", type=float, default=DIVERGENCE_LIMIT,
+                        help="relative parameter difference between finished peers that fails the soak (default: "
+                             "float32 rounding)")
     args = parser.parse_args(argv)
     if args.peers < 3 or args.minutes <= 0 or args.fault_every <= 0:
         parser.error("needs --peers ≥ 3 (two stay untouched), and positive --minutes and --fault-every")
@@ -328,7 +331,7 @@ def main(argv=None) -> int:
           f"{AVERAGING_TIMEOUT:g} s, {args.minutes:g} min per run\n")
     print(_table(results))
     (args.out / "chaos.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    failures = [f"{r.label}: {problem}" for r in results for problem in r.failures()]
+    failures = [f"{r.label}: {problem}" for r in results for problem in r.failures(args.max_divergence)]
     for failure in failures:
         print(f"FAIL {failure}")
     return 1 if failures else 0

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from dedloc import __version__
 from dedloc.errors import UserInputError
+from dedloc.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def write_checkpoint(
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             state["optimizer"] = metadata
         _write_json(tmp / TRAINER_STATE, state)
+        fault_point("checkpoint-before-manifest")  # the files are written, the manifest is not
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         for path in files:
             _fsync_file(path)

@@ -126,7 +126,8 @@ class MetricsHeartbeat(threading.Thread):
         while not self._stop.wait(1.0):
             if time.monotonic() - self.trainer._last_publish > METRICS_HEARTBEAT:
                 try:
-                    self.trainer.publish(self.trainer.last_loss, 0)
+                    # the step last published: a step just reached is published with its loss first
+                    self.trainer.publish(self.trainer.last_loss, 0, step=self.trainer._published_step)
                 except Exception as e:  # best effort: the next beat tries again
                     logger.debug(f"heartbeat failed: {e!r}")
 
@@ -175,6 +176,7 @@ class PeerTrainer:
         self.last_loss: Optional[float] = None
         self._last_publish = 0.0
         self._publish_lock = threading.Lock()
+        self._published_step = 0
         self.heartbeat = MetricsHeartbeat(self)
 
     # ----------------------------------------------------------------------------------------------
@@ -193,13 +195,14 @@ class PeerTrainer:
         status = self.watcher.status
         return None if status is None else describe_mismatch(self.manifest, status)
 
-    def publish(self, step_loss: Optional[float], mini_steps: int) -> None:
-        """Publish this peer's metrics in the background; a diverged loss is sent as unknown."""
+    def publish(self, step_loss: Optional[float], mini_steps: int, step: Optional[int] = None) -> None:
+        """Publish this peer's metrics (at ``step``, by default its current one) in the background; a
+        diverged loss is sent as unknown."""
         if step_loss is not None and not (math.isfinite(step_loss) and 0.0 <= step_loss <= 1e4):
             step_loss = None
         metrics = PeerMetrics(
             peer_id=self.peer_id,
-            step=self.opt.local_epoch,
+            step=self.opt.local_epoch if step is None else step,
             loss=step_loss,
             mini_steps=mini_steps,
             samples_per_second=float(self.opt.tracker.performance_ema.samples_per_second),
@@ -211,7 +214,7 @@ class PeerTrainer:
         )
         with self._publish_lock:
             publish_metrics(self.dht, self.prefix, self.identity.public_key, metrics)
-            self._last_publish = time.monotonic()
+            self._last_publish, self._published_step = time.monotonic(), metrics.step
 
     def say_goodbye(self, timeout: float = 5.0) -> None:
         """Withdraw this peer's metrics so the coordinator stops counting it at once (best effort)."""
@@ -361,10 +364,10 @@ class PeerTrainer:
             self.samples_contributed += self.micro_batch_size
             if opt.local_epoch != epoch:
                 epoch = opt.local_epoch
-                if epoch >= self.stop_at():
-                    self.final_sync()
                 self.last_loss = stats.mean_loss()
                 self.publish(self.last_loss, len(stats.losses))
+                if epoch >= self.stop_at():
+                    self.final_sync()
                 self.log_step(stats)
                 stats = StepStats()
             self.view.update(self.progress())

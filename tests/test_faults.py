@@ -8,9 +8,11 @@ import math
 import re
 import sqlite3
 import time
+from typing import Optional
 
 import pytest
 
+from dedloc.checkpoint import MANIFEST, PREFIX, TMP_PREFIX, latest_valid_checkpoint, load_checkpoint
 from dedloc.lab.network import LabUnavailable, Network
 from dedloc.lab.swarm import LabSwarm
 from dedloc.swarm.records import ONLINE_WINDOW
@@ -30,7 +32,7 @@ def lab(tmp_path):
         pytest.skip(f"network namespaces are not available here: {e}")
     swarm = None
     try:
-        def start(peers: int, total_steps: int) -> LabSwarm:
+        def start(peers: int, total_steps: int, coordinator_env: Optional[dict] = None) -> LabSwarm:
             nonlocal swarm
             config = small_run_config(
                 tmp_path / "run.toml",
@@ -38,7 +40,7 @@ def lab(tmp_path):
                 averaging={"averaging_timeout": AVERAGING_TIMEOUT},
             )
             swarm = LabSwarm(network, tmp_path / "lab", config)
-            swarm.start_coordinator(up_mbit=20, down_mbit=50)
+            swarm.start_coordinator(up_mbit=20, down_mbit=50, env=coordinator_env)
             for index in range(1, peers + 1):
                 swarm.start_peer(f"peer-{index}", up_mbit=20, down_mbit=50)
             return swarm
@@ -211,3 +213,48 @@ def _peer_rows(swarm: LabSwarm) -> list[dict]:
     with sqlite3.connect(swarm.coordinator_dir / "history.db") as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute("SELECT peer_id, samples FROM peers")]
+
+
+def test_the_coordinator_dies_mid_checkpoint_then_every_peer_dies(lab):
+    """The coordinator's machine dies while it writes a checkpoint: the peers keep stepping (the DHT
+    lives on in them); on disk the half-written checkpoint is recognisably incomplete and everything
+    else loads; restarted, the coordinator keeps its address and resumes tracking. Then every peer
+    dies: restarted, they continue from the coordinator's newest checkpoint, not from scratch."""
+    swarm = lab(peers=2, total_steps=16, coordinator_env={"DEDLOC_FAULTS": "checkpoint-before-manifest"})
+    peers = list(swarm.peers.values())
+    wait_for(lambda: "fault injected: checkpoint-before-manifest" in swarm.coordinator.log_text(), 300,
+             "the coordinator to be inside a checkpoint write", watch=_nodes(swarm))
+    join = swarm.join_info()["join"]
+    swarm.coordinator.power_off()
+
+    reached = {p.name: _step_lines(p)[-1]["step"] if _step_lines(p) else 0 for p in peers}
+    wait_for(lambda: all(_step_lines(p) and _step_lines(p)[-1]["step"] >= reached[p.name] + 2 for p in peers), 120,
+             "two global steps without the coordinator", watch=[p.child for p in peers])
+    root = swarm.coordinator_dir / "checkpoints"
+    leftovers = [path for path in root.iterdir() if path.name.startswith(TMP_PREFIX)]
+    assert leftovers and not any((path / MANIFEST).exists() for path in leftovers), leftovers  # incomplete, and says so
+    for path in root.iterdir():
+        if path.name.startswith(PREFIX):
+            load_checkpoint(path)  # every checkpoint that looks complete is complete
+
+    env = {k: v for k, v in swarm.coordinator.env.items() if k != "DEDLOC_FAULTS"}
+    swarm.coordinator.restart(env=env)
+    assert swarm.join_info()["join"] == join  # same identity and address
+    wait_for(lambda: latest_valid_checkpoint(root) is not None and latest_valid_checkpoint(root).step >= 6, 240,
+             "a checkpoint from the restarted coordinator", watch=_nodes(swarm))
+    for peer in peers:
+        peer.power_off()
+    saved = latest_valid_checkpoint(root).step
+    for peer in peers:
+        peer.restart()
+    for node in [swarm.coordinator, *peers]:
+        wait_for(lambda: node.poll() is not None, 300, f"{node.name} to finish", watch=[node.child])
+        assert node.poll() == 0, node.child.log_tail(30)
+
+    steps = [record["step"] for record in read_history(swarm.coordinator_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 16, steps
+    assert latest_valid_checkpoint(root).step == 16
+    assert not any(path.name.startswith(TMP_PREFIX) for path in root.iterdir())  # the half-written one is gone
+    for peer in peers:  # back from the checkpoint (or from a peer already back), not from step 0
+        resumed = re.search(r"state downloaded in \S+ s: now at step (\d+)", peer.log_text())
+        assert resumed and int(resumed[1]) >= saved, peer.log_text()[-2000:]

@@ -74,9 +74,12 @@ class LabNode:
     def restore(self) -> None:
         self.network.restore(self.host)
 
-    def restart(self) -> "LabNode":
+    def restart(self, env: Optional[dict] = None) -> "LabNode":
+        """Start it again (the previous process must be gone); ``env`` replaces its environment."""
         if self.child is not None:
             self.previous.append(self.child)
+        if env is not None:
+            self.env = env
         return self.start()
 
     def log_text(self) -> str:
@@ -100,21 +103,22 @@ class LabSwarm:
         self.coordinator: Optional[LabNode] = None
         self.peers: dict[str, LabNode] = {}
 
-    def _node(self, name: str, host: Host, args: list[str]) -> LabNode:
+    def _node(self, name: str, host: Host, args: list[str], env: Optional[dict] = None) -> LabNode:
         argv = [sys.executable, "-m", "dedloc", *args]
-        return LabNode(name, host, argv, self.logdir, self.env, self.network).start()
+        return LabNode(name, host, argv, self.logdir, {**self.env, **(env or {})}, self.network).start()
 
     @property
     def coordinator_dir(self) -> Path:
         return self.workdir / "coordinator"
 
     def start_coordinator(self, up_mbit: Optional[float] = None, down_mbit: Optional[float] = None,
-                          extra: tuple[str, ...] = ()) -> LabNode:
+                          extra: tuple[str, ...] = (), env: Optional[dict] = None) -> LabNode:
+        """``env``: extra environment variables (e.g. ``DEDLOC_FAULTS``)."""
         host = self.network.add_host("coordinator", up_mbit, down_mbit)
         self.coordinator = self._node("coordinator", host, [
             "coordinator", "--config", str(self.config), "--workdir", str(self.coordinator_dir),
             "--host", host.address, "--dashboard-host", host.address, *extra,
-        ])
+        ], env)
         return self.coordinator
 
     def join_info(self, timeout: float = 120.0) -> dict:

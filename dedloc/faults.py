@@ -1,0 +1,23 @@
+"""Fault injection points, for tests that must kill a daemon at an exact moment.
+
+A test sets ``DEDLOC_FAULTS`` to a comma-separated list of point names in a daemon's environment; when
+the daemon reaches a listed point it logs ``fault injected: NAME`` and hangs there until it is killed.
+Without the variable (every normal run) a point costs one dictionary lookup and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+logger = logging.getLogger(__name__)
+
+ENV = "DEDLOC_FAULTS"
+
+
+def fault_point(name: str) -> None:
+    """Hang here (logging it) if ``name`` is among the faults this process was started with."""
+    if name in os.environ.get(ENV, "").split(","):
+        logger.warning(f"fault injected: {name}; hanging here until killed")
+        threading.Event().wait()
