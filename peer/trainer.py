@@ -364,10 +364,12 @@ class PeerTrainer:
             self.samples_contributed += self.micro_batch_size
             if opt.local_epoch != epoch:
                 epoch = opt.local_epoch
+                if epoch >= self.stop_at():
+                    # before the last step is published: the coordinator's final checkpoint, which it
+                    # downloads once it sees that step, must hold the averaged parameters
+                    self.final_sync()
                 self.last_loss = stats.mean_loss()
                 self.publish(self.last_loss, len(stats.losses))
-                if epoch >= self.stop_at():
-                    self.final_sync()
                 self.log_step(stats)
                 stats = StepStats()
             self.view.update(self.progress())
