@@ -77,12 +77,19 @@ class RunStatusWatcher(threading.Thread):
         self._stop.set()
 
 
+def online_peers(
+    records: Iterable[PeerMetrics], now: Optional[float] = None, exclude: Optional[str] = None
+) -> list[PeerMetrics]:
+    """The records of peers online (newest record younger than ``ONLINE_WINDOW``), except ``exclude``."""
+    now = time.time() if now is None else now
+    return [m for m in records if now - m.time < ONLINE_WINDOW and m.peer_id != exclude]
+
+
 def swarm_samples_per_second(
     records: Iterable[PeerMetrics], now: Optional[float] = None, exclude: Optional[str] = None
 ) -> float:
     """Samples/s summed over the peers whose newest record is recent, except the peer ``exclude``."""
-    now = time.time() if now is None else now
-    return sum(m.samples_per_second for m in records if now - m.time < ONLINE_WINDOW and m.peer_id != exclude)
+    return sum(m.samples_per_second for m in online_peers(records, now, exclude))
 
 
 class SwarmRateWatcher(threading.Thread):
@@ -294,7 +301,7 @@ class PeerTrainer:
         while not self.stop.is_set() and time.monotonic() < deadline:
             if time.monotonic() - counted_at > 2.0:
                 records, _ = fetch_metrics(self.dht, self.prefix)
-                wanted = 1 + sum(1 for m in records.values() if m.peer_id != self.peer_id and time.time() - m.time < ONLINE_WINDOW)
+                wanted = 1 + len(online_peers(records.values(), exclude=self.peer_id))
                 counted_at = time.monotonic()
             if wanted <= 1 or self.opt.tracker.global_progress.num_peers >= wanted:
                 return
@@ -386,7 +393,7 @@ class PeerTrainer:
             return
         self.contact.regained.clear()
         records, _ = fetch_metrics(self.dht, self.prefix)
-        others = [m for m in records.values() if m.peer_id != self.peer_id and time.time() - m.time < ONLINE_WINDOW]
+        others = online_peers(records.values(), exclude=self.peer_id)
         if not others:
             logger.info(f"no other peer trained while this one was cut off: continuing from step {self.opt.local_epoch}")
             for averager in (self.opt.state_averager, self.opt.grad_averager):
