@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 SWARM_RATE_PERIOD = 5.0
 FINAL_SYNC_WINDOWS = 3
+FINAL_SYNC_ROUNDS = 3  # rounds tried at the end while some peer leaves them half-done
 # hivemind estimates the time to the next step from its samples/s, which starts near zero: such an
 # estimate (years) is shown as unknown
 MAX_ETA = 24 * 3600.0
@@ -294,7 +295,8 @@ class PeerTrainer:
         fresh metrics records, itself included), so its first step is taken together with them.
 
         The count is taken again every few seconds: a peer that left meanwhile is not waited for, and
-        a restarted peer's own old record (same identity) does not count as another peer.
+        a restarted peer's own old record (same identity) does not count as another peer. In a run under
+        way (this peer downloaded a step > 0), hivemind counting one other peer is enough.
         """
         deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
         wanted, counted_at, announced_at = 1, -math.inf, -math.inf
@@ -303,7 +305,12 @@ class PeerTrainer:
                 records, _ = fetch_metrics(self.dht, self.prefix)
                 wanted = 1 + len(online_peers(records.values(), exclude=self.peer_id))
                 counted_at = time.monotonic()
-            if wanted <= 1 or self.opt.tracker.global_progress.num_peers >= wanted:
+            counted = self.opt.tracker.global_progress.num_peers
+            if wanted <= 1 or counted >= wanted:
+                return
+            if self.opt.local_epoch > 0 and counted >= 2:
+                # joining a run under way: the others step on their own rhythm, and a peer that is
+                # downloading state publishes metrics but no progress, so it may never be counted
                 return
             if time.monotonic() - announced_at > ONLINE_WINDOW / 2:  # the announcement expires
                 self.announce_to_tracker()
@@ -429,24 +436,40 @@ class PeerTrainer:
 
     def final_sync(self) -> None:
         """One last synchronous state-averaging round with the peers still here, so that every peer —
-        and the checkpoint the coordinator takes from any of them — ends the run with the same parameters."""
+        and the checkpoint the coordinator takes from any of them — ends the run with the same parameters.
+
+        A round that a peer left in the middle leaves the others' values differing (see
+        :class:`CheckedStateAverager`); every peer that took part notices, so they all average once more,
+        up to ``FINAL_SYNC_ROUNDS`` rounds.
+        """
         if self.opt.tracker.global_progress.num_peers < 2:
             return  # alone: nobody to agree with
+        averager = self.opt.state_averager
         # peers reach the last step up to a few seconds apart (a slow or recovering one later): the
         # round starts FINAL_SYNC_WINDOWS matchmaking windows from now, and every peer that arrives
         # before the first one's round starts joins it, so they all end with the same parameters
         window = FINAL_SYNC_WINDOWS * self.config.averaging.matchmaking_time
         try:
-            self.opt.state_averager.step(wait_for_delayed_updates=True)
-            self.opt.state_averager.step(
-                averaging_round=True,
-                delay_averaging=False,
-                averaging_opts=dict(
-                    scheduled_time=get_dht_time() + window, timeout=window + self.config.averaging.averaging_timeout
-                ),
-            )
+            averager.step(wait_for_delayed_updates=True)  # the last regular round, running in the background
+            averager.final_round.set()
+            for attempt in range(1, FINAL_SYNC_ROUNDS + 1):
+                partial_rounds = averager.partial_rounds.value
+                averager.step(
+                    averaging_round=True,
+                    delay_averaging=False,
+                    averaging_opts=dict(
+                        scheduled_time=get_dht_time() + window, timeout=window + self.config.averaging.averaging_timeout
+                    ),
+                )
+                if averager.partial_rounds.value == partial_rounds:
+                    return
+                if attempt < FINAL_SYNC_ROUNDS:
+                    logger.warning("the final state-averaging round was left half-done: averaging once more")
+            logger.warning(f"{FINAL_SYNC_ROUNDS} final state-averaging rounds were left half-done; keeping this state")
         except Exception as e:
             logger.warning(f"the final state-averaging round failed ({e!r}); keeping this peer's own state")
+        finally:
+            averager.final_round.clear()
 
     def wait_for_end(self) -> None:
         """After the last step: keep serving state until the coordinator has its final checkpoint."""

@@ -32,7 +32,8 @@ def lab(tmp_path):
         pytest.skip(f"network namespaces are not available here: {e}")
     swarm = None
     try:
-        def start(peers: int, total_steps: int, coordinator_env: Optional[dict] = None) -> LabSwarm:
+        def start(peers: int, total_steps: int, coordinator_env: Optional[dict] = None,
+                  peer_env: Optional[dict[str, dict]] = None) -> LabSwarm:
             nonlocal swarm
             config = small_run_config(
                 tmp_path / "run.toml",
@@ -42,7 +43,8 @@ def lab(tmp_path):
             swarm = LabSwarm(network, tmp_path / "lab", config)
             swarm.start_coordinator(up_mbit=20, down_mbit=50, env=coordinator_env)
             for index in range(1, peers + 1):
-                swarm.start_peer(f"peer-{index}", up_mbit=20, down_mbit=50)
+                name = f"peer-{index}"
+                swarm.start_peer(name, up_mbit=20, down_mbit=50, env=(peer_env or {}).get(name))
             return swarm
 
         yield start
@@ -258,3 +260,29 @@ def test_the_coordinator_dies_mid_checkpoint_then_every_peer_dies(lab):
     for peer in peers:  # back from the checkpoint (or from a peer already back), not from step 0
         resumed = re.search(r"state downloaded in \S+ s: now at step (\d+)", peer.log_text())
         assert resumed and int(resumed[1]) >= saved, peer.log_text()[-2000:]
+
+
+def test_a_peer_vanishing_in_the_final_round(lab):
+    """A peer freezes while it averages the others' parts in the run's final state-averaging round:
+    the others notice that the round was left half-done (hivemind reports it as a success), average
+    once more among themselves, and finish the run with identical parameters."""
+    swarm = lab(peers=3, total_steps=4, peer_env={"peer-3": {"DEDLOC_FAULTS": "final-state-round"}})
+    vanishing, others = swarm.peers["peer-3"], [swarm.peers["peer-1"], swarm.peers["peer-2"]]
+    wait_for(lambda: "fault injected: final-state-round" in vanishing.log_text(), 300,
+             "peer-3 to freeze inside the final round", watch=_nodes(swarm))
+    frozen_at = time.monotonic()
+    for node in [swarm.coordinator, *others]:
+        wait_for(lambda: node.poll() is not None, 240, f"{node.name} to finish", watch=[node.child])
+        assert node.poll() == 0, node.child.log_tail(30)
+    print(f"the others finished {time.monotonic() - frozen_at:.1f} s after peer-3 froze")
+    vanishing.power_off()
+
+    for other in others:
+        log = other.log_text()
+        assert "a state-averaging round was left half-done" in log, log[-3000:]
+        assert "averaging once more" in log and "final state-averaging rounds were left half-done" not in log
+    final = [_step_lines(other)[-1] for other in others]
+    assert {line["step"] for line in final} == {4}
+    # no compression on state averaging: equal up to float rounding (hivemind adds the averaged delta)
+    assert math.isclose(final[0]["params"], final[1]["params"], rel_tol=1e-7), final
+    assert latest_valid_checkpoint(swarm.coordinator_dir / "checkpoints").step == 4

@@ -139,14 +139,15 @@ class LabSwarm:
             time.sleep(0.2)
 
     def start_peer(self, name: str, up_mbit: Optional[float] = None, down_mbit: Optional[float] = None,
-                   extra: tuple[str, ...] = ()) -> LabNode:
+                   extra: tuple[str, ...] = (), env: Optional[dict] = None) -> LabNode:
+        """``extra``: more ``dedloc peer`` arguments; ``env``: extra environment variables."""
         host = self.network.add_host(name, up_mbit, down_mbit)
         workdir = self.workdir / name
         workdir.mkdir(parents=True, exist_ok=True)
         node = self._node(name, host, [
             "peer", "--join", *self.join_info()["join"], "--host", host.address, "--workdir", str(workdir),
             "--identity", str(workdir / "identity.key"), *extra,
-        ])
+        ], env)
         self.peers[name] = node
         return node
 

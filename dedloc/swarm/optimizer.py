@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing as mp
 import signal
 from functools import partial
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 import hivemind
 import torch
@@ -23,10 +24,14 @@ from hivemind.compression import (
     ScaledFloat16Compression,
     Uniform8BitQuantization,
 )
+from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 
 from dedloc.config import Compression, RunConfig
+from dedloc.faults import fault_point
 from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
@@ -69,6 +74,54 @@ class ReportingGradientAverager(GradientAverager):
         return super().step(*args, **kwargs)
 
 
+class CheckedStateAverager(TrainingStateAverager):
+    """hivemind's state averager, noticing rounds that were left half-done.
+
+    When a peer vanishes in the middle of an all-reduce, hivemind (1.1.12,
+    ``TensorPartContainer.register_failed_reducer``) keeps each remaining peer's own values for the
+    slice of the tensors that peer was averaging, and still reports the round as a success: the peers
+    then hold different parameters. Every such round is logged and counted in :attr:`partial_rounds`,
+    shared with the averager's background process, so a caller can average once more.
+
+    The wire protocol is hivemind's own (handler names of ``TrainingStateAverager``), so the
+    coordinator's plain state reader and this averager serve each other's state downloads.
+    """
+
+    def __init__(self, *args, **kwargs):
+        # created before hivemind forks the averager's process, so both sides share them
+        self.partial_rounds = mp.Value("i", 0)
+        # set by the peer around its final round; the fault point ``final-state-round`` fires only then
+        self.final_round = mp.Event()
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
+        return TrainingStateAverager._get_handle_name(namespace, method_name)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
+        registered = self._running_groups[group_info.group_id]  # resolves to the round's AllReduceRunner
+        gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
+        # counted before the round's result reaches the caller, who reads the count right after it
+        runner = registered.result() if registered.done() and not registered.cancelled() else None
+        kept = runner.tensor_part_container.failed_size if runner is not None else 0
+        if kept:
+            with self.partial_rounds.get_lock():
+                self.partial_rounds.value += 1
+            logger.warning(
+                f"a state-averaging round was left half-done: a peer left in the middle, and this peer "
+                f"kept its own values for {kept} of {runner.tensor_part_container.total_size} numbers"
+            )
+        return gathered
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if self.final_round.is_set():
+            fault_point("final-state-round")  # a peer vanishing while it averages others' parts
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """``hivemind.Optimizer`` that never lets a peer step on gradients the swarm did not average with it.
 
@@ -76,22 +129,64 @@ class SwarmOptimizer(hivemind.Optimizer):
     up" by averaging alone and stepping with its own gradients, computed on parameters the swarm has
     already moved past (``_should_load_state_from_peers`` tolerates being one step behind). Such a peer
     holds a model nobody else has. Here it drops those gradients and downloads the swarm's state
-    instead. Each step taken with this peer's own gradients alone (averaging failed, or no other peer
-    was there) is logged and counted in :attr:`solo_steps`.
+    instead — except right after a download that the swarm outran by one step, where it takes the
+    swarm's step number as hivemind's download does (a download slower than a step would otherwise
+    repeat forever). Each step taken with this peer's own gradients alone (averaging failed, or no
+    other peer was there) is logged and counted in :attr:`solo_steps`.
     """
 
     solo_steps = 0
+    state_averager: CheckedStateAverager
+
+    def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
+        # hivemind.Optimizer's own wiring, with the checked averager class
+        return CheckedStateAverager(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
 
     def _should_load_state_from_peers(self) -> bool:
-        if super()._should_load_state_from_peers():
-            return True
-        behind = self.local_epoch < self.tracker.global_epoch
-        if behind and not self.auxiliary:
-            logger.info(
-                f"the swarm moved to step {self.tracker.global_epoch} without this peer (at step {self.local_epoch}): "
-                "dropping its gradients and downloading the swarm's state"
-            )
-        return behind
+        global_epoch = self.tracker.global_epoch
+        if self.auxiliary or self.local_epoch >= global_epoch:
+            return super()._should_load_state_from_peers()
+        if self.local_epoch == self._downloaded_epoch and global_epoch == self.local_epoch + 1:
+            # the swarm stepped while this peer downloaded its state, as it will whenever a download
+            # takes longer than a step: downloading again would never end. Like hivemind's own download
+            # (``load_state_from_peers``, "Catching up"), take the swarm's step number and carry on; the
+            # next state-averaging round brings the parameters level.
+            self._adopt_swarm_step(global_epoch)
+            return False
+        logger.info(
+            f"the swarm moved to step {global_epoch} without this peer (at step {self.local_epoch}): "
+            "dropping its gradients and downloading the swarm's state"
+        )
+        return True
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        super().load_state_from_peers(**kwargs)
+        self._downloaded_epoch = self.local_epoch
+
+    _downloaded_epoch: Optional[int] = None
+
+    def _adopt_swarm_step(self, global_epoch: int) -> None:
+        logger.info(
+            f"the swarm reached step {global_epoch} during this peer's download of step {self.local_epoch}: "
+            "taking its step number; the next state-averaging round brings the parameters level"
+        )
+        with self.tracker.pause_updates():
+            self.state_averager.local_epoch = global_epoch
+            self.tracker.report_local_progress(global_epoch, self.grad_averager.local_samples_accumulated)
 
     def _load_local_gradients_into_optimizer(self):
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
