@@ -440,7 +440,8 @@ class PeerTrainer:
 
         A round that a peer left in the middle leaves the others' values differing (see
         :class:`CheckedStateAverager`); every peer that took part notices, so they all average once more,
-        up to ``FINAL_SYNC_ROUNDS`` rounds.
+        up to ``FINAL_SYNC_ROUNDS`` rounds. A peer whose round found nobody arrived after the others'
+        round: it downloads their state instead.
         """
         if self.opt.tracker.global_progress.num_peers < 2:
             return  # alone: nobody to agree with
@@ -453,7 +454,7 @@ class PeerTrainer:
             averager.step(wait_for_delayed_updates=True)  # the last regular round, running in the background
             averager.final_round.set()
             for attempt in range(1, FINAL_SYNC_ROUNDS + 1):
-                partial_rounds = averager.partial_rounds.value
+                partial_rounds, rounds_done = averager.partial_rounds.value, averager.rounds_done.value
                 averager.step(
                     averaging_round=True,
                     delay_averaging=False,
@@ -461,6 +462,9 @@ class PeerTrainer:
                         scheduled_time=get_dht_time() + window, timeout=window + self.config.averaging.averaging_timeout
                     ),
                 )
+                if averager.rounds_done.value == rounds_done:
+                    self.take_final_state()
+                    return
                 if averager.partial_rounds.value == partial_rounds:
                     return
                 if attempt < FINAL_SYNC_ROUNDS:
@@ -470,6 +474,15 @@ class PeerTrainer:
             logger.warning(f"the final state-averaging round failed ({e!r}); keeping this peer's own state")
         finally:
             averager.final_round.clear()
+
+    def take_final_state(self) -> None:
+        """This peer got to the last step after the others had averaged for the last time (it missed a
+        round on the way): take the state they ended with. They serve it until the coordinator has its
+        final checkpoint, which waits for this peer's last step."""
+        logger.warning("the final state-averaging round found no other peer: downloading the state the others ended with")
+        started = time.monotonic()
+        self.opt.load_state_from_peers()
+        logger.info(f"final state downloaded in {time.monotonic() - started:.1f} s (step {self.opt.local_epoch})")
 
     def wait_for_end(self) -> None:
         """After the last step: keep serving state until the coordinator has its final checkpoint."""

@@ -6,7 +6,8 @@ on, so links have loopback-like latency. Only addresses inside the namespaces cr
 (a private /24 under 10.213.0.0/16 that no interface on the machine already uses).
 
 Contract: :class:`Network` needs root (``ip netns``); without it, creating one raises
-:class:`LabUnavailable` with the reason. It removes every namespace, link and process it created on
+:class:`LabUnavailable` with the reason, and :class:`LoopbackNetwork` stands in: the same hosts, all on
+127.0.0.1, with links that are neither shaped nor cut. It removes every namespace, link and process it created on
 :meth:`Network.close` (also as a context manager and at interpreter exit); namespaces and links left
 behind by a process that was killed outright are removed by the next :class:`Network` created on the
 machine (their names carry the creating process's pid).
@@ -189,6 +190,44 @@ class Network:
         atexit.unregister(self.close)
 
     def __enter__(self) -> "Network":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LoopbackHost(Host):
+    def command(self, argv: list[str]) -> list[str]:
+        return list(argv)
+
+
+class LoopbackNetwork:
+    """The lab where namespaces cannot be made: every host is this machine's loopback (127.0.0.1) and
+    commands run as they are. Rates are recorded but not enforced; :meth:`cut` and :meth:`restore`
+    raise :class:`LabUnavailable`, so scenarios that cut links skip with the reason. Processes are
+    the lab swarm's to stop; there is nothing else to remove."""
+
+    def __init__(self):
+        self.hosts: dict[str, Host] = {}
+
+    def add_host(self, name: str, up_mbit: Optional[float] = None, down_mbit: Optional[float] = None) -> Host:
+        if not re.fullmatch(r"[a-z0-9-]{1,20}", name) or name in self.hosts:
+            raise ValueError(f"bad or duplicate host name {name!r}")
+        host = LoopbackHost(name=name, namespace="", address="127.0.0.1", link="", inner_link="",
+                            up_mbit=up_mbit, down_mbit=down_mbit)
+        self.hosts[name] = host
+        return host
+
+    def cut(self, host: Host) -> None:
+        raise LabUnavailable("cutting a host's link needs network namespaces (root)")
+
+    def restore(self, host: Host) -> None:
+        raise LabUnavailable("restoring a host's link needs network namespaces (root)")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "LoopbackNetwork":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,5 +1,6 @@
 """dedloc processes on lab hosts: a coordinator and peers, each in its own network namespace, that a
-test or benchmark can crash, pause, restart and cut off like volunteers' machines.
+test or benchmark can crash, pause, restart and cut off like volunteers' machines (on a
+:class:`LoopbackNetwork`, everything but cutting off).
 
 Each process is a real ``dedloc`` daemon started through ``ip netns exec`` in its own process group
 (:class:`dedloc.lifecycle.ChildProcess`), listening on its host's address. Peers keep a persistent
@@ -19,7 +20,7 @@ from typing import Optional
 
 from dedloc.lifecycle import ChildProcess, stop_all
 
-from .network import Host, Network
+from .network import Host, LoopbackNetwork, Network
 
 
 @dataclass
@@ -31,7 +32,7 @@ class LabNode:
     argv: list[str]
     logdir: Path
     env: dict
-    network: Network
+    network: Network | LoopbackNetwork
     child: Optional[ChildProcess] = None
     incarnation: int = 0
     previous: list[ChildProcess] = field(default_factory=list)
@@ -92,7 +93,7 @@ class LabNode:
 class LabSwarm:
     """A coordinator and peers on hosts of ``network``; :meth:`close` stops them all."""
 
-    def __init__(self, network: Network, workdir: Path, config: Path, threads: int = 1):
+    def __init__(self, network: Network | LoopbackNetwork, workdir: Path, config: Path, threads: int = 1):
         self.network, self.workdir, self.config = network, workdir, config
         self.logdir = workdir / "logs"
         self.logdir.mkdir(parents=True, exist_ok=True)

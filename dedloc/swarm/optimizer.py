@@ -81,7 +81,9 @@ class CheckedStateAverager(TrainingStateAverager):
     ``TensorPartContainer.register_failed_reducer``) keeps each remaining peer's own values for the
     slice of the tensors that peer was averaging, and still reports the round as a success: the peers
     then hold different parameters. Every such round is logged and counted in :attr:`partial_rounds`,
-    shared with the averager's background process, so a caller can average once more.
+    shared with the averager's background process, so a caller can average once more. Rounds that
+    found a group at all are counted in :attr:`rounds_done` (hivemind logs a failed state-averaging
+    round at debug level only).
 
     The wire protocol is hivemind's own (handler names of ``TrainingStateAverager``), so the
     coordinator's plain state reader and this averager serve each other's state downloads.
@@ -90,6 +92,7 @@ class CheckedStateAverager(TrainingStateAverager):
     def __init__(self, *args, **kwargs):
         # created before hivemind forks the averager's process, so both sides share them
         self.partial_rounds = mp.Value("i", 0)
+        self.rounds_done = mp.Value("i", 0)  # rounds this peer averaged with a group, whole or half-done
         # set by the peer around its final round; the fault point ``final-state-round`` fires only then
         self.final_round = mp.Event()
         super().__init__(*args, **kwargs)
@@ -101,6 +104,8 @@ class CheckedStateAverager(TrainingStateAverager):
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
         registered = self._running_groups[group_info.group_id]  # resolves to the round's AllReduceRunner
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
+        with self.rounds_done.get_lock():
+            self.rounds_done.value += 1
         # counted before the round's result reaches the caller, who reads the count right after it
         runner = registered.result() if registered.done() and not registered.cancelled() else None
         kept = runner.tensor_part_container.failed_size if runner is not None else 0
@@ -129,10 +134,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     up" by averaging alone and stepping with its own gradients, computed on parameters the swarm has
     already moved past (``_should_load_state_from_peers`` tolerates being one step behind). Such a peer
     holds a model nobody else has. Here it drops those gradients and downloads the swarm's state
-    instead — except right after a download that the swarm outran by one step, where it takes the
-    swarm's step number as hivemind's download does (a download slower than a step would otherwise
-    repeat forever). Each step taken with this peer's own gradients alone (averaging failed, or no
-    other peer was there) is logged and counted in :attr:`solo_steps`.
+    instead. Each step taken with this peer's own gradients alone (averaging failed, or no other peer
+    was there) is logged and counted in :attr:`solo_steps`.
     """
 
     solo_steps = 0
@@ -157,36 +160,15 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
 
     def _should_load_state_from_peers(self) -> bool:
-        global_epoch = self.tracker.global_epoch
-        if self.auxiliary or self.local_epoch >= global_epoch:
-            return super()._should_load_state_from_peers()
-        if self.local_epoch == self._downloaded_epoch and global_epoch == self.local_epoch + 1:
-            # the swarm stepped while this peer downloaded its state, as it will whenever a download
-            # takes longer than a step: downloading again would never end. Like hivemind's own download
-            # (``load_state_from_peers``, "Catching up"), take the swarm's step number and carry on; the
-            # next state-averaging round brings the parameters level.
-            self._adopt_swarm_step(global_epoch)
-            return False
-        logger.info(
-            f"the swarm moved to step {global_epoch} without this peer (at step {self.local_epoch}): "
-            "dropping its gradients and downloading the swarm's state"
-        )
-        return True
-
-    def load_state_from_peers(self, **kwargs) -> None:
-        super().load_state_from_peers(**kwargs)
-        self._downloaded_epoch = self.local_epoch
-
-    _downloaded_epoch: Optional[int] = None
-
-    def _adopt_swarm_step(self, global_epoch: int) -> None:
-        logger.info(
-            f"the swarm reached step {global_epoch} during this peer's download of step {self.local_epoch}: "
-            "taking its step number; the next state-averaging round brings the parameters level"
-        )
-        with self.tracker.pause_updates():
-            self.state_averager.local_epoch = global_epoch
-            self.tracker.report_local_progress(global_epoch, self.grad_averager.local_samples_accumulated)
+        if super()._should_load_state_from_peers():
+            return True
+        behind = self.local_epoch < self.tracker.global_epoch
+        if behind and not self.auxiliary:
+            logger.info(
+                f"the swarm moved to step {self.tracker.global_epoch} without this peer (at step {self.local_epoch}): "
+                "dropping its gradients and downloading the swarm's state"
+            )
+        return behind
 
     def _load_local_gradients_into_optimizer(self):
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
