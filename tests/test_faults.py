@@ -95,16 +95,19 @@ def _last_step(swarm: LabSwarm) -> int:
 
 
 def test_a_peer_crashes_during_gradient_averaging_and_restarts_cleanly(lab):
-    """peer-3's main process is SIGKILLed while it averages gradients (its DHT process and p2pd stay
+    """A peer's main process is SIGKILLed while it averages gradients (its DHT process and p2pd stay
     behind, as after a crash): the others finish or abandon that round and take the next global step
     within 2 × the averaging timeout. Restarted, it stops what its previous incarnation left behind,
     rejoins, and the run ends with exit 0 everywhere: nobody wedges."""
     swarm = lab(peers=3, total_steps=10)
-    victim, survivors = swarm.peers["peer-3"], [swarm.peers["peer-1"], swarm.peers["peer-2"]]
     wait_for(lambda: _last_step(swarm) >= 2, 300, "2 global steps", watch=_nodes(swarm))
 
-    rounds = _rounds(victim)
-    wait_for(lambda: _rounds(victim) > rounds, 120, "peer-3 to begin averaging gradients", watch=_nodes(swarm))
+    # the victim: the first peer to begin a gradient-averaging round from now on (a peer busy
+    # downloading the state begins none)
+    rounds = {name: _rounds(peer) for name, peer in swarm.peers.items()}
+    victim = wait_for(lambda: next((peer for name, peer in swarm.peers.items() if _rounds(peer) > rounds[name]), None),
+                      120, "a peer to begin averaging gradients", watch=_nodes(swarm))
+    survivors = [peer for peer in swarm.peers.values() if peer is not victim]
     helpers = [p.pid for p in psutil.Process(victim.pid).children(recursive=True)]
     step_at_kill, killed_at = _last_step(swarm), time.monotonic()
     victim.crash()
@@ -126,6 +129,7 @@ def test_a_peer_crashes_during_gradient_averaging_and_restarts_cleanly(lab):
         assert node.poll() == 0, node.child.log_tail(30)
     assert _last_step(swarm) == 10
     assert "the run is finished at step 10" in victim.log_text()
+    print(f"crashed {victim.name}")
 
 
 def test_a_paused_peer_rejoins(lab):
@@ -256,11 +260,12 @@ def test_a_late_joiner_catches_up_and_a_peer_vanishes_in_the_final_round(lab):
     assert len(contributions) == 3 and min(contributions.values()) > 0, contributions
     assert any(record["peers"] == 3 for record in read_history(swarm.coordinator_dir))
 
-    # the final round: left half-done by peer-2, averaged again, identical parameters
-    for node in [steady, joiner]:
-        log = node.log_text()
-        assert "a state-averaging round was left half-done" in log, log[-3000:]
-        assert "averaging once more" in log and "final state-averaging rounds were left half-done" not in log
+    # the final round: left half-done by peer-2, averaged again, identical parameters (a newcomer
+    # still downloading the state at the end takes the others' final state instead)
+    log = steady.log_text()
+    assert "a state-averaging round was left half-done" in log, log[-3000:]
+    assert "averaging once more" in log and "final state-averaging rounds were left half-done" not in log
+    assert "averaging once more" in joiner.log_text() or "final state downloaded" in joiner.log_text()
     final = [_step_lines(node)[-1] for node in [steady, joiner]]
     assert {line["step"] for line in final} == {10}
     # no compression on state averaging: equal up to float rounding (hivemind adds the averaged delta)
