@@ -235,7 +235,12 @@ class PeerTrainer:
     def wait_for_peers(self) -> None:
         """Wait (up to ``wait_for_peers_timeout``) until ``min_peers`` peers are online, this one included."""
         wanted = self.config.training.min_peers
-        deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
+        timeout = self.config.training.wait_for_peers_timeout
+        if self.opt.local_epoch > 0:
+            # joining a run under way: a peer that is downloading the state publishes metrics but no
+            # progress, so it may never be counted; wait at most one online window for it
+            timeout = min(timeout, ONLINE_WINDOW)
+        deadline = time.monotonic() + timeout
         announced = False
         while not self.stop.is_set():
             self.publish(None, 0)
@@ -296,21 +301,21 @@ class PeerTrainer:
 
         The count is taken again every few seconds: a peer that left meanwhile is not waited for, and
         a restarted peer's own old record (same identity) does not count as another peer. In a run under
-        way (this peer downloaded a step > 0), hivemind counting one other peer is enough.
+        way (this peer downloaded a step > 0) it waits at most ``ONLINE_WINDOW`` seconds.
         """
-        deadline = time.monotonic() + self.config.training.wait_for_peers_timeout
+        timeout = self.config.training.wait_for_peers_timeout
+        if self.opt.local_epoch > 0:
+            # joining a run under way: a peer that is downloading the state publishes metrics but no
+            # progress, so it may never be counted; wait at most one online window for it
+            timeout = min(timeout, ONLINE_WINDOW)
+        deadline = time.monotonic() + timeout
         wanted, counted_at, announced_at = 1, -math.inf, -math.inf
         while not self.stop.is_set() and time.monotonic() < deadline:
             if time.monotonic() - counted_at > 2.0:
                 records, _ = fetch_metrics(self.dht, self.prefix)
                 wanted = 1 + len(online_peers(records.values(), exclude=self.peer_id))
                 counted_at = time.monotonic()
-            counted = self.opt.tracker.global_progress.num_peers
-            if wanted <= 1 or counted >= wanted:
-                return
-            if self.opt.local_epoch > 0 and counted >= 2:
-                # joining a run under way: the others step on their own rhythm, and a peer that is
-                # downloading state publishes metrics but no progress, so it may never be counted
+            if wanted <= 1 or self.opt.tracker.global_progress.num_peers >= wanted:
                 return
             if time.monotonic() - announced_at > ONLINE_WINDOW / 2:  # the announcement expires
                 self.announce_to_tracker()
