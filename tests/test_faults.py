@@ -262,10 +262,12 @@ def test_a_late_joiner_catches_up_and_a_peer_vanishes_in_the_final_round(lab):
 
     # the final round: left half-done by peer-2, averaged again, identical parameters (a newcomer
     # still downloading the state at the end takes the others' final state instead)
+    # (or, when the frozen peer's round left a survivor without a group, by downloading that state)
     log = steady.log_text()
     assert "a state-averaging round was left half-done" in log, log[-3000:]
-    assert "averaging once more" in log and "final state-averaging rounds were left half-done" not in log
-    assert "averaging once more" in joiner.log_text() or "final state downloaded" in joiner.log_text()
+    assert "final state-averaging rounds were left half-done" not in log
+    for node in (steady, joiner):
+        assert "averaging once more" in node.log_text() or "final state downloaded" in node.log_text(), node.name
     final = [_step_lines(node)[-1] for node in [steady, joiner]]
     assert {line["step"] for line in final} == {10}
     # no compression on state averaging: equal up to float rounding (hivemind adds the averaged delta)
