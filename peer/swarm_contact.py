@@ -45,7 +45,7 @@ class SwarmContact(threading.Thread):
         self.last_contact = time.monotonic()
         self.lost = threading.Event()
         self.regained = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def _refresh_others(self) -> None:
         try:
@@ -82,13 +82,13 @@ class SwarmContact(threading.Thread):
             self.lost.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 self.check()
             except Exception as e:  # the contact check must never take training down
                 logger.debug(f"contact check failed: {e!r}")
-            self._stop.wait(max(0.0, self.period - (time.monotonic() - started)))
+            self._stopping.wait(max(0.0, self.period - (time.monotonic() - started)))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()

@@ -46,6 +46,7 @@ from .swarm_contact import SwarmContact
 logger = logging.getLogger(__name__)
 
 SWARM_RATE_PERIOD = 5.0
+BACKGROUND_JOIN_TIMEOUT = 10.0  # a DHT read in flight times out within this
 FINAL_SYNC_WINDOWS = 3
 FINAL_SYNC_ROUNDS = 3  # rounds tried at the end while some peer leaves them half-done
 # hivemind estimates the time to the next step from its samples/s, which starts near zero: such an
@@ -61,10 +62,10 @@ class RunStatusWatcher(threading.Thread):
         self.dht, self.coordinator_id, self.period = dht, coordinator_id, period
         self.status: Optional[RunStatus] = None
         self.changed = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 status = fetch_status(self.dht, self.coordinator_id)
                 if status is not None:
@@ -72,10 +73,10 @@ class RunStatusWatcher(threading.Thread):
                     self.changed.set()
             except Exception as e:  # an incompatible or unreachable record must not kill training
                 logger.debug(f"cannot read the run status: {e!r}")
-            self._stop.wait(self.period)
+            self._stopping.wait(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 def online_peers(
@@ -105,19 +106,19 @@ class SwarmRateWatcher(threading.Thread):
         super().__init__(name="swarm-rate-watcher", daemon=True)
         self.dht, self.prefix, self.peer_id, self.period = dht, prefix, peer_id, period
         self.others_samples_per_second: Optional[float] = None
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 records, _ = fetch_metrics(self.dht, self.prefix, timeout=self.period)
                 self.others_samples_per_second = swarm_samples_per_second(records.values(), exclude=self.peer_id)
             except Exception as e:  # only the view needs this figure
                 logger.debug(f"cannot read the swarm's metrics: {e!r}")
-            self._stop.wait(self.period)
+            self._stopping.wait(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 class MetricsHeartbeat(threading.Thread):
@@ -128,10 +129,10 @@ class MetricsHeartbeat(threading.Thread):
     def __init__(self, trainer: "PeerTrainer"):
         super().__init__(name="metrics-heartbeat", daemon=True)
         self.trainer = trainer
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stopping.wait(1.0):
             if time.monotonic() - self.trainer._last_publish > METRICS_HEARTBEAT:
                 try:
                     # the step last published: a step just reached is published with its loss first
@@ -140,7 +141,7 @@ class MetricsHeartbeat(threading.Thread):
                     logger.debug(f"heartbeat failed: {e!r}")
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 @dataclass
@@ -380,7 +381,9 @@ class PeerTrainer:
             opt.step()
             opt.zero_grad(set_to_none=False)
             stats.samples += self.micro_batch_size
-            self.samples_contributed += self.micro_batch_size
+            # only what the optimizer accumulated counts: not the micro-batch that found this peer
+            # behind the swarm, nor those computed while its state was older than the swarm's
+            self.samples_contributed = self.opt.samples_accumulated_total
             if opt.local_epoch != epoch:
                 epoch = opt.local_epoch
                 if epoch >= self.stop_at():
@@ -429,7 +432,10 @@ class PeerTrainer:
         started, delay = time.monotonic(), 1.0
         for attempt in range(1, attempts + 1):
             self.opt.load_state_from_peers()
-            if self.opt.local_epoch >= swarm_step or self.stop.is_set() or attempt == attempts:
+            # a state older than swarm_step (the swarm stepped meanwhile) is not downloaded again: the
+            # optimizer takes the swarm's step at its next check
+            got_state = self.opt.state_averager.downloaded_epoch is not None
+            if self.opt.local_epoch >= swarm_step or got_state or self.stop.is_set() or attempt == attempts:
                 break
             logger.info(f"no donor could serve step {swarm_step} yet (try {attempt} of {attempts}); retrying in {delay:.0f} s")
             self.stop.wait(delay)
@@ -501,6 +507,18 @@ class PeerTrainer:
         if not self.run_finished() and not self.stop.is_set():
             logger.warning(f"the coordinator did not announce the end within {self.end_grace:.0f} s; leaving")
 
+    def stop_background_threads(self, timeout: float = BACKGROUND_JOIN_TIMEOUT) -> None:
+        """Stop the watcher, contact, heartbeat and rate threads and wait (up to ``timeout`` in all) for
+        their DHT calls in flight to return. A DHT call still in flight when this process exits makes
+        hivemind's DHT process fail to unpickle the call's reply pipe and print a raw traceback."""
+        threads = [self.watcher, self.contact, self.heartbeat, self.rate_watcher]
+        for thread in threads:
+            thread.stop()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
     def run(self) -> None:
         self.watcher.start()
         self.contact.start()
@@ -515,10 +533,7 @@ class PeerTrainer:
                 self.train()
             self.wait_for_end()
         finally:
-            self.watcher.stop()
-            self.contact.stop()
-            self.heartbeat.stop()
-            self.rate_watcher.stop()
+            self.stop_background_threads()
         status = self.watcher.status
         changed = self.run_changed()
         if changed:

@@ -37,6 +37,10 @@ from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
 
+# the averaging weight of a peer that takes part in a round only to receive its result (its own values
+# then move the average by a millionth of their difference from the others')
+NEGLIGIBLE_WEIGHT = 1e-6
+
 
 @contextlib.contextmanager
 def _keeping_sigint_handler():
@@ -68,10 +72,14 @@ class ReportingGradientAverager(GradientAverager):
     """hivemind's gradient averager, logging (at info) when this peer begins a gradient-averaging round:
     an operator sees where a stall happens, and fault tests use the line as their cue."""
 
-    def step(self, *args, **kwargs):
+    def step(self, *args, weight: Optional[float] = None, **kwargs):
         self.rounds_begun = getattr(self, "rounds_begun", 0) + 1
         logger.info(f"averaging gradients (round {self.rounds_begun}, {self.local_samples_accumulated} local samples)")
-        return super().step(*args, **kwargs)
+        if weight is None and self.local_samples_accumulated == 0:
+            # a peer with nothing accumulated takes part with a negligible weight, never zero: a group
+            # whose weights all were zero would average to 0/0 (hivemind's reducer divides by their sum)
+            weight = NEGLIGIBLE_WEIGHT
+        return super().step(*args, weight=weight, **kwargs)
 
 
 class CheckedStateAverager(TrainingStateAverager):
@@ -95,7 +103,42 @@ class CheckedStateAverager(TrainingStateAverager):
         self.rounds_done = mp.Value("i", 0)  # rounds this peer averaged with a group, whole or half-done
         # set by the peer around its final round; the fault point ``final-state-round`` fires only then
         self.final_round = mp.Event()
+        self.downloaded_epoch: Optional[int] = None
+        self._receiving_since: Optional[int] = None  # rounds_done when receiving began
         super().__init__(*args, **kwargs)
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        """hivemind's download; afterwards :attr:`downloaded_epoch` is the step of the state received, or
+        None when no peer served a state newer than the one held."""
+        held = self.local_epoch
+        super().load_state_from_peers(**kwargs)
+        self.downloaded_epoch = self.local_epoch if self.local_epoch > held else None
+
+    def receive_next_average(self) -> None:
+        """Weigh this peer's state as good as nothing in the state-averaging rounds from now until one
+        of them finds a group: the peer then takes the others' average without pulling it toward its
+        own, older state."""
+        self._receiving_since = self.rounds_done.value
+
+    @property
+    def receiving(self) -> bool:
+        """Whether this peer still waits for a state average to bring it level with the others."""
+        if self._receiving_since is not None and self.rounds_done.value > self._receiving_since:
+            self._receiving_since = None
+        return self._receiving_since is not None
+
+    def stop_receiving(self) -> None:
+        self._receiving_since = None
+
+    def step(self, *args, averaging_round: bool = False, averaging_control=None, averaging_opts=None, **kwargs):
+        if averaging_round and self.receiving:
+            if averaging_control is not None:
+                averaging_control.weight = NEGLIGIBLE_WEIGHT
+            else:
+                averaging_opts = {**(averaging_opts or {}), "weight": NEGLIGIBLE_WEIGHT}
+        return super().step(
+            *args, averaging_round=averaging_round, averaging_control=averaging_control, averaging_opts=averaging_opts, **kwargs
+        )
 
     @classmethod
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
@@ -136,9 +179,17 @@ class SwarmOptimizer(hivemind.Optimizer):
     holds a model nobody else has. Here it drops those gradients and downloads the swarm's state
     instead. Each step taken with this peer's own gradients alone (averaging failed, or no other peer
     was there) is logged and counted in :attr:`solo_steps`.
+
+    A download the swarm outran (it stepped while the state was on its way) is not repeated: the peer
+    takes the swarm's step and receives the next state average without contributing until then, so a
+    peer whose download takes longer than a step still catches up. :attr:`samples_accumulated_total`
+    counts the samples this peer accumulated toward the swarm's batches.
     """
 
     solo_steps = 0
+    samples_accumulated_total = 0
+    _downloaded_epoch: Optional[int] = None  # step of the state last downloaded, until this peer contributes
+    _sitting_out: Optional[int] = None  # a step taken from the swarm whose averaging rounds this peer sits out
     state_averager: CheckedStateAverager
 
     def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
@@ -160,6 +211,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
 
     def _should_load_state_from_peers(self) -> bool:
+        swarm_step = self.tracker.global_epoch
+        if self._downloaded_epoch is not None and self.local_epoch < swarm_step and not self.auxiliary:
+            # the swarm stepped while the state was on its way (hivemind pauses the progress records
+            # during a download, so this shows only now): downloading again would be outrun again
+            self._take_swarm_step(swarm_step, self._downloaded_epoch)
+            return False
         if super()._should_load_state_from_peers():
             return True
         behind = self.local_epoch < self.tracker.global_epoch
@@ -169,6 +226,72 @@ class SwarmOptimizer(hivemind.Optimizer):
                 "dropping its gradients and downloading the swarm's state"
             )
         return behind
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        """hivemind's download. A download at home-uplink speed can take longer than a step: when the
+        swarm stepped while the state was on its way, this peer takes the swarm's step instead of
+        downloading again and again (see :meth:`_take_swarm_step`) — here, when hivemind already took
+        it (one step behind), or at the next check, when the progress records show it."""
+        super().load_state_from_peers(**kwargs)
+        downloaded = self.state_averager.downloaded_epoch
+        if downloaded is None:
+            return
+        self._downloaded_epoch = downloaded
+        if downloaded < self.local_epoch:
+            self._take_swarm_step(self.local_epoch, downloaded)
+
+    def _take_swarm_step(self, swarm_step: int, held_step: int) -> None:
+        """Move to ``swarm_step`` with the state of ``held_step``. Until a state-averaging round brings
+        this peer level, it accumulates no gradients (they would be older than the swarm's state), its
+        state weighs as good as nothing in that round, and it offers its state to newcomers only as a
+        state of ``held_step``.
+
+        The first step taken after a download is sat out: the others are already averaging for it (or
+        about to), and a peer that starts matchmaking then misses their group and ends up averaging
+        with their *next* round, one phase behind for good. It takes the step after it with them."""
+        first = self._sitting_out is None  # not taken while sitting out the step before
+        if first:
+            logger.info(
+                f"the swarm stepped during the download (state of step {held_step}, swarm at step {swarm_step}): "
+                "taking its step and sitting out the round the others are in; this peer contributes again "
+                "once a state average has brought it level"
+            )
+        else:
+            logger.info(f"the swarm moved on to step {swarm_step}: taking part in its rounds from now on")
+        self._sitting_out = swarm_step if first else None
+        self.state_averager.local_epoch = swarm_step
+        self.state_averager.receive_next_average()
+        self.tracker.report_local_progress(local_epoch=swarm_step, samples_accumulated=0)
+        if not self.client_mode:
+            self.state_averager.state_sharing_priority = held_step
+            self.grad_averager.state_sharing_priority = held_step
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        if self._sitting_out == self.local_epoch and self.tracker.global_progress.num_peers > 1:
+            return  # the others' round for this step: not this peer's (see _take_swarm_step)
+        self._sitting_out = None
+        super()._update_global_epoch(grad_scaler)
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        if self._sitting_out is None:  # a scheduled round that this peer would never trigger stalls the others
+            super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        if self._sitting_out is None:
+            super()._maybe_schedule_state_averaging()
+
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
+        if self.state_averager.receiving:
+            if self.tracker.global_progress.num_peers > 1:
+                # computed on a state older than the swarm's: dropped, only the step is reported
+                self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
+                return True
+            self.state_averager.stop_receiving()  # alone: this peer's state is the swarm's
+        accumulated = super()._check_and_accumulate_gradients(batch_size, grad_scaler)
+        if accumulated:
+            self._downloaded_epoch = None  # contributing: the download is behind it
+            self.samples_accumulated_total += batch_size
+        return accumulated
 
     def _load_local_gradients_into_optimizer(self):
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
