@@ -362,6 +362,7 @@ class PeerTrainer:
         batches = iter(self.task.stream)
         stats = StepStats()
         epoch = opt.local_epoch
+        final_synced = False
         self.view.update(self.progress())
         self.wait_for_first_round()
         while (
@@ -390,11 +391,24 @@ class PeerTrainer:
                     # before the last step is published: the coordinator's final checkpoint, which it
                     # downloads once it sees that step, must hold the averaged parameters
                     self.final_sync()
+                    final_synced = True
                 self.last_loss = stats.mean_loss()
                 self.publish(self.last_loss, len(stats.losses))
                 self.log_step(stats)
                 stats = StepStats()
             self.view.update(self.progress())
+        if (
+            not final_synced
+            and not self.stop.is_set()
+            and not self.run_finished()
+            and not self.run_changed()
+            and opt.local_epoch >= self.stop_at()
+        ):
+            # the end was announced only once this peer had got there (the announcement travels for a
+            # few seconds): the final round is still due, and the step line is logged again after it
+            logger.info(f"the run ends at step {self.stop_at()}, which this peer has reached: final state-averaging round")
+            self.final_sync()
+            self.log_step(stats)
 
     def wait_for_contact(self) -> None:
         """Cut off from the swarm: train no further (what this peer would compute alone is lost anyway),

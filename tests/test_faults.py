@@ -180,7 +180,9 @@ def test_a_cut_off_peer_resynchronises(lab):
     """One peer's link is cut for 60 s, then restored: it stops training when it notices, the others go
     on; back, it sees it is behind, downloads the swarm's state, drops what it had accumulated before
     the outage, and holds the others' parameters from its first step on."""
-    swarm = lab(peers=3, total_steps=16)
+    # the others take ~12 steps during the outage; catching up takes the cut-off peer 3 more (download,
+    # a round sat out, a round received), so it trains for a few steps before the end
+    swarm = lab(peers=3, total_steps=20)
     if isinstance(swarm.network, LoopbackNetwork):
         pytest.skip("cutting a link needs network namespaces (root); loopback processes cannot be cut off")
     cut_off, others = swarm.peers["peer-3"], [swarm.peers["peer-1"], swarm.peers["peer-2"]]
@@ -201,7 +203,7 @@ def test_a_cut_off_peer_resynchronises(lab):
     for node in [swarm.coordinator, *others, cut_off]:
         wait_for(lambda: node.poll() is not None, 300, f"{node.name} to finish", watch=[node.child])
         assert node.poll() == 0, node.child.log_tail(30)
-    assert _last_step(swarm) == 16
+    assert _last_step(swarm) == 20
 
     log = cut_off.log_text()
     behind = re.search(r"this peer is at step (\d+), the swarm at step (\d+): downloading its state", log)
@@ -222,7 +224,7 @@ def test_a_cut_off_peer_resynchronises(lab):
     theirs = {line["step"]: line["params"] for other in others for line in _step_lines(other)}
     assert any(math.isclose(line["params"], theirs.get(line["step"], math.inf), rel_tol=1e-3) for line in after), (after, theirs)
     final = [_step_lines(node)[-1] for node in [*others, cut_off]]
-    assert {line["step"] for line in final} == {16}
+    assert {line["step"] for line in final} == {20}
     assert max(line["params"] for line in final) - min(line["params"] for line in final) <= 1e-3 * abs(final[0]["params"])
 
 
