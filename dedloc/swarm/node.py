@@ -76,7 +76,7 @@ def start_dht(
         check_if_identity_free=False,
         **network.extra,
     )
-    dht = hivemind.DHT(
+    dht = _DHTProcess(
         initial_peers=list(initial_peers) or None, start=False, record_validators=list(validators), **kwargs
     )
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the DHT process and its p2pd
@@ -111,6 +111,37 @@ def start_dht(
         raise
     _make_command_pipe_blocking(dht)
     return dht
+
+
+class _DHTProcess(hivemind.DHT):
+    """hivemind's DHT process, saying in one line (no raw traceback) when a command's sender exited first.
+
+    In hivemind 1.1.12 every command sent to the DHT process carries its reply pipe, which the DHT
+    process fetches from the sending process when it reads the command. A sender that exited in the
+    meantime (an averager process stopped while its DHT request was queued, a peer leaving) makes
+    that fetch fail: refused (hivemind logs the traceback and goes on) or cut short (``EOFError``,
+    which ends the DHT process with Python's traceback). At shutdown either is harmless.
+    """
+
+    def run(self) -> None:
+        logging.getLogger("hivemind.dht.dht").addFilter(_sender_gone_in_one_line)
+        try:
+            super().run()
+        except EOFError:
+            logger.warning(f"the DHT process stopped: {_SENDER_GONE} (EOFError)")
+
+
+_SENDER_GONE = "a command's sender exited before the command was read"
+
+
+def _sender_gone_in_one_line(record: logging.LogRecord) -> bool:
+    """Turns hivemind's traceback for a command whose sender is gone into a one-line warning."""
+    error = record.exc_info[1] if record.exc_info else None
+    if record.funcName == "_run" and isinstance(error, (ConnectionRefusedError, FileNotFoundError)):
+        record.msg, record.args = f"{_SENDER_GONE} ({type(error).__name__})", ()
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def _discard(dht: hivemind.DHT) -> None:
