@@ -167,7 +167,8 @@ class Soak:
             print(f"[{label}] time is up at step {at_recovery}; waiting for every peer to catch up", flush=True)
             self._wait(lambda: all(_peer_step(node) >= at_recovery for node in swarm.peers.values()), 300,
                        "every peer to catch up with the swarm", swarm)
-            last = _history(swarm)[-1]["step"]
+            # the coordinator's history may lag the peers by a few steps
+            last = max([_history(swarm)[-1]["step"]] + [_peer_step(node) for node in swarm.peers.values()])
             (swarm.coordinator_dir / "END_AT").write_text(f"{last + 4}\n")
             print(f"[{label}] every peer is at step {at_recovery} or later: ending the run at step {last + 4}", flush=True)
             nodes = [swarm.coordinator, *swarm.peers.values()]

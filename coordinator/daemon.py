@@ -309,8 +309,9 @@ class Coordinator:
     def check_end_request(self, tracker: SwarmTracker) -> None:
         """End the run early if the organiser wrote a step into ``END_AT`` in the state directory.
 
-        The run ends at that step, or at the next one if the swarm is already there; a request beyond
-        the current end is ignored. Peers learn the new end from the published status and finish with
+        The run ends at that step, or at the step after the furthest any live peer claims if the swarm
+        is already there (the coordinator's own view may lag the peers by a few steps); a request
+        beyond the current end is ignored. Peers learn the new end from the published status and finish with
         a final state-averaging round, as at the planned end. The file stays, so a restarted
         coordinator keeps to it.
         """
@@ -328,7 +329,7 @@ class Coordinator:
                 logger.warning(f"{path} should hold a step number (got {text[:40]!r}); ignoring it")
                 self._bad_end_request = text
             return
-        end = max(wanted, tracker.global_step + 1)
+        end = max(wanted, tracker.global_step + 1, tracker.highest_claim + 1)
         if end >= self.stop_at:
             return
         logger.info(f"ending the run at step {end}, as {path} asks (it was to end at step {self.stop_at})")

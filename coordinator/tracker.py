@@ -85,7 +85,7 @@ def fetch_next_step(dht: hivemind.DHT, prefix: str, target_batch_size: int, time
 class SwarmTracker:
     def __init__(self, dht: hivemind.DHT, prefix: str, last_step: int, start_step: int = 0):
         """``prefix``: the swarm's DHT prefix; ``last_step``: the run's final global step (a record
-        claiming more is ignored); ``start_step``: the last step already recorded (on a restart)."""
+        claiming more counts as reaching it); ``start_step``: the last step already recorded (on a restart)."""
         self.dht, self.prefix, self.last_step = dht, prefix, last_step
         self.logged_until = start_step
         self.global_step = start_step
@@ -93,6 +93,9 @@ class SwarmTracker:
         self.peer_samples: dict[str, int] = {}
         self._reports: dict[int, dict[str, PeerMetrics]] = {}
         self._warned: set[str] = set()
+        self._beyond_end: set[str] = set()
+        self.highest_claim = start_step
+        """The highest step any live peer has claimed, including claims beyond ``last_step``."""
 
     @property
     def total_samples(self) -> int:
@@ -107,17 +110,27 @@ class SwarmTracker:
             if peer not in self._warned:
                 self._warned.add(peer)
                 logger.warning(f"dropping malformed metrics published by peer {peer}")
-        now = time.time()
-        for pid, m in metrics.items():
-            if m.step > self.last_step and pid not in self._warned:
-                self._warned.add(pid)
-                logger.warning(f"ignoring peer {pid}: it claims step {m.step}, beyond the run's last step {self.last_step}")
+        return self.absorb(metrics, now=time.time(), final=final)
+
+    def absorb(self, metrics: dict[str, PeerMetrics], now: float, final: bool = False) -> list[StepRecord]:
+        """:meth:`poll` on metrics already read (``now``: the wall-clock time they were read at).
+
+        A peer claiming a step beyond ``last_step`` counts as standing at ``last_step``: the organiser
+        may have moved the end below where the peers already are, and such peers are done.
+        """
+        fresh = {pid: m for pid, m in metrics.items() if now - m.time < ONLINE_WINDOW}
+        self.highest_claim = max([self.highest_claim] + [m.step for m in fresh.values()])
+        for pid, m in fresh.items():
+            if m.step > self.last_step and pid not in self._beyond_end:
+                self._beyond_end.add(pid)
+                logger.info(f"peer {pid} is at step {m.step}, past the run's last step {self.last_step}: it counts as done")
         self.alive = {
-            pid: m for pid, m in metrics.items() if now - m.time < ONLINE_WINDOW and m.step <= self.last_step
+            pid: (m if m.step <= self.last_step else m.copy(update=dict(step=self.last_step)))
+            for pid, m in fresh.items()
         }
-        for pid, m in self.alive.items():
+        for pid, m in fresh.items():
             self.peer_samples[pid] = max(self.peer_samples.get(pid, 0), m.samples)
-            if m.loss is not None and m.mini_steps > 0 and m.step > self.logged_until:
+            if m.loss is not None and m.mini_steps > 0 and self.logged_until < m.step <= self.last_step:
                 self._reports.setdefault(m.step, {})[pid] = m
         self.global_step = max([self.global_step] + [m.step for m in self.alive.values()])
 
