@@ -22,6 +22,40 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from dedloc.errors import UserInputError
 
 
+EPHEMERAL_PREFIX = "dedloc-identity-"
+
+
+def remove_orphaned_ephemeral_identities(root: str | Path | None = None) -> list[Path]:
+    """Remove the ephemeral identity directories under ``root`` (the temporary directory) whose
+    creating process no longer runs; returns those removed. Only this user's directories are touched."""
+    removed = []
+    for directory in Path(root or tempfile.gettempdir()).glob(f"{EPHEMERAL_PREFIX}*-*"):
+        pid = directory.name[len(EPHEMERAL_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or directory.is_symlink() or directory.stat().st_uid != os.getuid():
+                continue
+            if _process_exists(int(pid)):
+                continue
+            for entry in directory.iterdir():
+                entry.chmod(0o600)
+                entry.unlink()
+            directory.rmdir()
+            removed.append(directory)
+        except OSError:
+            continue  # another process is removing it too, or it is not ours after all
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 @dataclass(frozen=True)
 class Identity:
     """A loaded identity. ``path`` is the file p2pd reads; keep it until the node shuts down."""
@@ -67,8 +101,13 @@ class Identity:
 
     @classmethod
     def create_ephemeral(cls) -> "Identity":
-        """A fresh identity for one process, kept in a private temporary directory (see :meth:`discard`)."""
-        directory = tempfile.mkdtemp(prefix="dedloc-identity-")
+        """A fresh identity for one process, kept in a private temporary directory (see :meth:`discard`).
+
+        The directory's name carries the process id; directories left by processes that died without
+        discarding theirs (a killed peer) are removed first.
+        """
+        remove_orphaned_ephemeral_identities()
+        directory = tempfile.mkdtemp(prefix=f"{EPHEMERAL_PREFIX}{os.getpid()}-")
         path = Path(directory) / "identity.key"
         P2P.generate_identity(str(path))
         return cls.load(path, ephemeral=True)
