@@ -69,6 +69,9 @@ class SoakResult:
     checkpoints_loadable: int
     bad_exits: dict[str, int]
     faults: list[Fault] = field(default_factory=list)
+    unplanned_exits: list[str] = field(default_factory=list)
+    """Peers that exited on their own during the run (restarted, as a supervisor would): not a failure
+    of the soak, but reported."""
 
     def failures(self, max_divergence: float = DIVERGENCE_LIMIT) -> list[str]:
         problems = []
@@ -135,6 +138,7 @@ class Soak:
         self.faults: list[Fault] = []
         self.down_since: dict[str, float] = {}  # peer → when its fault began (while not recovered)
         self.cut_windows: dict[str, list[tuple[float, float]]] = {}
+        self.unplanned_exits: list[str] = []
 
     def run(self) -> SoakResult:
         label = "faults" if self.faults_on else "no faults"
@@ -159,14 +163,18 @@ class Soak:
                     self._inject(swarm, now - started)
                     next_fault = now + self._interval()
                 self._check_alive(swarm)
+                self._restart_exited(swarm, time.monotonic() - started)
                 time.sleep(0.5)
             for name in list(self.down_since):
                 self._recover(swarm, name, time.monotonic() - started)
             window_end = time.time()
             at_recovery = _history(swarm)[-1]["step"]
             print(f"[{label}] time is up at step {at_recovery}; waiting for every peer to catch up", flush=True)
-            self._wait(lambda: all(_peer_step(node) >= at_recovery for node in swarm.peers.values()), 300,
-                       "every peer to catch up with the swarm", swarm)
+            def caught_up() -> bool:
+                self._restart_exited(swarm, time.monotonic() - started)
+                return all(_peer_step(node) >= at_recovery for node in swarm.peers.values())
+
+            self._wait(caught_up, 300, "every peer to catch up with the swarm", swarm)
             # the coordinator's history may lag the peers by a few steps
             last = max([_history(swarm)[-1]["step"]] + [_peer_step(node) for node in swarm.peers.values()])
             (swarm.coordinator_dir / "END_AT").write_text(f"{last + 4}\n")
@@ -210,6 +218,18 @@ class Soak:
             self.cut_windows.setdefault(name, []).append((time.time(), float("inf")))
         print(f"[faults] {at:6.1f} s: {kind} {name}", flush=True)
 
+    def _restart_exited(self, swarm: LabSwarm, at: float) -> None:
+        """Restart a peer that exited on its own with an error (e.g. 3: it could not reach the swarm on a
+        restart), as a volunteer's supervisor (systemd, docker's restart policy) would."""
+        for name, node in swarm.peers.items():
+            code = node.poll()
+            if name in self.down_since or code is None or code == 0:
+                continue
+            reason = (node.child.log_tail(1) or "").strip().splitlines()[-1:] or ["?"]
+            self.unplanned_exits.append(f"{name} exited with {code} at {at:.0f} s: {reason[0][:160]}")
+            print(f"[faults] {at:6.1f} s: {name} exited with {code} on its own: restarting it ({reason[0][:120]})", flush=True)
+            node.restart()
+
     def _recover_due(self, swarm: LabSwarm, now: float) -> None:
         for name, due in list(self.down_since.items()):
             if now >= due:
@@ -249,7 +269,8 @@ class Soak:
             except Exception as e:
                 print(f"[{label}] checkpoint {path} does not load: {e}", flush=True)
         return SoakResult(label, self.n, round(window_end - first, 1), steps, round(longest_stall, 1), wedged,
-                          divergence, finished, len(checkpoints), loadable, bad_exits, self.faults)
+                          divergence, finished, len(checkpoints), loadable, bad_exits, self.faults,
+                          self.unplanned_exits)
 
     def _wedged(self, name: str, node: LabNode, first: float, window_end: float) -> bool:
         """Alive and connected for 3 × averaging_timeout in the window without taking a step."""
@@ -290,13 +311,13 @@ class Soak:
 
 def _table(results: list[SoakResult]) -> str:
     rows = [("run", "steps", "vs no faults", "longest stall s", "wedged", "param diff (rel)", "checkpoints ok",
-             "bad exits", "faults")]
+             "bad exits", "faults", "restarted after exiting")]
     baseline = next((r for r in results if r.label == "no faults"), None)
     for r in results:
         ratio = f"{r.steps / baseline.steps:.2f}" if baseline and baseline.steps else "-"
         rows.append((r.label, str(r.steps), ratio, f"{r.longest_stall_s:.1f}", str(len(r.wedged)),
                      "-" if r.divergence is None else f"{r.divergence:.1e}", f"{r.checkpoints_loadable}/{r.checkpoints}",
-                     str(len(r.bad_exits)), str(len(r.faults))))
+                     str(len(r.bad_exits)), str(len(r.faults)), str(len(r.unplanned_exits))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -331,6 +352,9 @@ def main(argv=None) -> int:
     print(f"\n{args.peers} peers, {args.up_mbit:g} Mbit/s up / {args.down_mbit:g} down, averaging_timeout "
           f"{AVERAGING_TIMEOUT:g} s, {args.minutes:g} min per run\n")
     print(_table(results))
+    for r in results:
+        for exit_ in r.unplanned_exits:
+            print(f"[{r.label}] {exit_}")
     (args.out / "chaos.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     failures = [f"{r.label}: {problem}" for r in results for problem in r.failures(args.max_divergence)]
     for failure in failures:
