@@ -29,7 +29,7 @@ from dedloc.swarm.optimizer import StateReader
 from dedloc.swarm.records import RunManifest
 from dedloc.task.build import hf_tokenizer
 from dedloc.task.evaluation import HeldoutSet, evaluate, heldout_set
-from dedloc.task.model import build_model
+from dedloc.task.model import build_model, parameter_sketch
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,13 @@ class Checkpointer:
             ) from None
         self.reader.share()
         self.latest = SavedCheckpoint(step=info.step, path=info.path, saved_at=info.trainer_state.get("saved_at", 0.0))
+
+    def offer_as_final(self) -> tuple[float, ...]:
+        """Serve the state held now — the final checkpoint's — ahead of every peer's own, and return
+        its :func:`parameter_sketch`: a peer whose parameters ended apart from it downloads it."""
+        with self._lock:
+            self.reader.share(final=True)
+            return parameter_sketch(self.model)
 
     def start(self, wanted_step: int, stop: Optional[threading.Event] = None) -> bool:
         """Begin a checkpoint of a state at least as new as ``wanted_step`` in the background;

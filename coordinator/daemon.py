@@ -357,8 +357,12 @@ class Coordinator:
         if saved is None and checkpointer.latest is None:
             logger.error("the run ended without a checkpoint: no peer served its state")
         final = saved or checkpointer.latest
+        # a peer whose final round went astray (split groups, a round left half-done unnoticed) compares
+        # its parameters with this sketch and downloads the final checkpoint's state
+        sketch = checkpointer.offer_as_final() if saved is not None else None
         self.status = dataclasses.replace(
-            self.status, finished=True, final_step=tracker.global_step, checkpoint_step=final.step if final else None
+            self.status, finished=True, final_step=tracker.global_step, checkpoint_step=final.step if final else None,
+            final_sketch=sketch,
         )
         publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
         self.note_checkpoint()

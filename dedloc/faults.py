@@ -1,7 +1,8 @@
 """Fault injection points, for tests that must kill a daemon at an exact moment.
 
 A test sets ``DEDLOC_FAULTS`` to a comma-separated list of point names in a daemon's environment; when
-the daemon reaches a listed point it logs ``fault injected: NAME`` and hangs there until it is killed.
+the daemon reaches a listed point it logs ``fault injected: NAME`` and hangs there until it is killed
+(:func:`fault_point`), or misbehaves there as the name says (:func:`fault_active`).
 Without the variable (every normal run) a point costs one dictionary lookup and does nothing.
 """
 
@@ -14,6 +15,15 @@ import threading
 logger = logging.getLogger(__name__)
 
 ENV = "DEDLOC_FAULTS"
+
+
+def fault_active(name: str) -> bool:
+    """Whether ``name`` is among the faults this process was started with (logged): the caller then
+    misbehaves as the point's name says, instead of hanging."""
+    if name in os.environ.get(ENV, "").split(","):
+        logger.warning(f"fault injected: {name}")
+        return True
+    return False
 
 
 def fault_point(name: str) -> None:

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import hivemind
+import torch
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from dedloc.config import RunConfig
 from dedloc.errors import IncompatibleSwarmError
+from dedloc.faults import fault_active
 from dedloc.lifecycle import GracefulExit
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.records import (
@@ -38,7 +40,7 @@ from dedloc.swarm.records import (
     publish_metrics,
 )
 from dedloc.task.build import PeerTask
-from dedloc.task.model import parameter_fingerprint
+from dedloc.task.model import parameter_fingerprint, parameter_sketch, sketch_distance
 
 from .progress_view import PeerProgress, ProgressView
 from .swarm_contact import SwarmContact
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 SWARM_RATE_PERIOD = 5.0
 BACKGROUND_JOIN_TIMEOUT = 10.0  # a DHT read in flight times out within this
 FINAL_SYNC_WINDOWS = 3
+FINAL_MATCH_TOLERANCE = {True: 1e-6, False: 2e-3}  # relative L2; key: state averaging is lossless
+FINAL_MATCH_ATTEMPTS = 2  # the first download may find a peer's state before the checkpoint's is offered
 FINAL_SYNC_ROUNDS = 3  # rounds tried at the end while some peer leaves them half-done
 # hivemind estimates the time to the next step from its samples/s, which starts near zero: such an
 # estimate (years) is shown as unknown
@@ -521,6 +525,45 @@ class PeerTrainer:
         if not self.run_finished() and not self.stop.is_set():
             logger.warning(f"the coordinator did not announce the end within {self.end_grace:.0f} s; leaving")
 
+    def match_final_checkpoint(self) -> None:
+        """The run is over: end with the final checkpoint's parameters. A final state-averaging round
+        that split into groups, or that a peer left half-done without every peer noticing, leaves some
+        peers apart from the checkpoint; such a peer (its :func:`parameter_sketch` further than the
+        state averaging's precision from the one the coordinator published) downloads the checkpoint's
+        state, which the coordinator now serves ahead of every peer's."""
+        status = self.watcher.status
+        if self.stop.is_set() or status is None or not status.finished or status.final_sketch is None:
+            return
+        if fault_active("final-state-astray"):  # as if this peer's final round had gone astray
+            with torch.no_grad():
+                for p in self.task.model.parameters():
+                    p.mul_(1.0 + 1e-3)
+        tolerance = FINAL_MATCH_TOLERANCE[self.config.averaging.state_compression == "none"]
+        distance = sketch_distance(parameter_sketch(self.task.model), status.final_sketch)
+        if distance <= tolerance:
+            return
+        if self.opt.local_epoch > (status.checkpoint_step or 0):
+            logger.warning(f"this peer (step {self.opt.local_epoch}) is past the final checkpoint (step "
+                           f"{status.checkpoint_step}); keeping its own state")
+            return
+        logger.warning(
+            f"this peer's parameters ended {distance:.1e} (relative) apart from the final checkpoint's: "
+            "downloading the checkpoint's state"
+        )
+        started = time.monotonic()
+        for attempt in range(1, FINAL_MATCH_ATTEMPTS + 1):
+            try:
+                self.opt.state_averager.load_state_from_peers(timeout=self.config.averaging.load_state_timeout)
+            except Exception as e:  # hivemind raises timeouts and connection errors here
+                logger.warning(f"downloading the final checkpoint's state failed ({e!r})")
+            distance = sketch_distance(parameter_sketch(self.task.model), status.final_sketch)
+            if distance <= tolerance or self.stop.is_set():
+                break
+        logger.log(
+            logging.INFO if distance <= tolerance else logging.WARNING,
+            f"final checkpoint's state downloaded in {time.monotonic() - started:.1f} s: now {distance:.1e} apart",
+        )
+
     def stop_background_threads(self, timeout: float = BACKGROUND_JOIN_TIMEOUT) -> None:
         """Stop the watcher, contact, heartbeat and rate threads and wait (up to ``timeout`` in all) for
         their DHT calls in flight to return. A DHT call still in flight when this process exits makes
@@ -546,6 +589,7 @@ class PeerTrainer:
             with self.view:  # stopped on any exit, so the terminal is restored
                 self.train()
             self.wait_for_end()
+            self.match_final_checkpoint()
         finally:
             self.stop_background_threads()
         status = self.watcher.status

@@ -134,8 +134,10 @@ def test_a_peer_crashes_during_gradient_averaging_and_restarts_cleanly(lab):
 
 def test_a_paused_peer_rejoins(lab):
     """A peer frozen (SIGSTOP, as a laptop lid closing) for twice the averaging timeout: the others keep
-    stepping without it; resumed, it catches up and finishes the run with them."""
-    swarm = lab(peers=3, total_steps=14)
+    stepping without it; resumed, it catches up and finishes the run with them. At the end peer-1's
+    parameters are knocked 1e-3 apart (fault point ``final-state-astray``, as after a final round
+    that split): it notices against the final checkpoint's sketch and downloads the checkpoint's state."""
+    swarm = lab(peers=3, total_steps=14, peer_env={"peer-1": {"DEDLOC_FAULTS": "final-state-astray"}})
     sleeper, others = swarm.peers["peer-3"], [swarm.peers["peer-1"], swarm.peers["peer-2"]]
     wait_for(lambda: _last_step(swarm) >= 2, 300, "2 global steps", watch=_nodes(swarm))
 
@@ -167,6 +169,11 @@ def test_a_paused_peer_rejoins(lab):
     assert _last_step(swarm) == 14
     # it trained on after waking up (hivemind may log a failed round or download on the way: it retries)
     assert "the run is finished at step 14" in sleeper.log_text()
+    astray = others[0].log_text()
+    apart = re.search(r"parameters ended (\S+) \(relative\) apart from the final checkpoint's", astray)
+    assert apart and 3e-4 < float(apart[1]) < 1e-2, apart
+    fixed = re.search(r"final checkpoint's state downloaded in \S+ s: now (\S+) apart", astray)
+    assert fixed and float(fixed[1]) <= 1e-6, fixed
 
 
 def _step_lines(node) -> list[dict]:

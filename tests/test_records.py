@@ -12,6 +12,7 @@ from dedloc.errors import IncompatibleSwarmError
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, start_dht
 from dedloc.swarm.records import (
+    MANIFEST_EXPIRATION,
     PeerMetrics,
     RunManifest,
     RunStatus,
@@ -25,6 +26,7 @@ from dedloc.swarm.records import (
     publish_manifest,
     publish_metrics,
     publish_status,
+    status_key,
 )
 from dedloc.task.tokenizer import train_tokenizer
 
@@ -118,6 +120,15 @@ def test_records_travel_signed_between_nodes(nodes):
     status = RunStatus("dedloc-embedded", fetched.config_sha256, fetched.tokenizer_sha256, stop_at=5, finished=False)
     assert publish_status(coordinator, coordinator_id.public_key, coordinator_id.peer_id, status)
     assert fetch_status(peer, coordinator_id.peer_id) == status
+    final = RunStatus("dedloc-embedded", fetched.config_sha256, fetched.tokenizer_sha256, stop_at=5, finished=True,
+                      final_step=5, checkpoint_step=5, final_sketch=(12.5, -0.25, 3.0))
+    assert publish_status(coordinator, coordinator_id.public_key, coordinator_id.peer_id, final)
+    assert fetch_status(peer, coordinator_id.peer_id) == final
+    # a sketch that is not finite numbers makes the record malformed (ignored, not a crash)
+    bad = dict(final.to_record(), final_sketch=[1.0, float("nan")])
+    assert coordinator.store(status_key(coordinator_id.peer_id), subkey=owner_subkey(coordinator_id.public_key),
+                             value=bad, expiration_time=time.time() + 10 * MANIFEST_EXPIRATION)
+    assert fetch_status(peer, coordinator_id.peer_id) is None
 
     # metrics: a peer's own record is accepted; one that claims another peer's id is dropped
     honest = PeerMetrics(peer_id=peer_id.peer_id.to_base58(), step=1, loss=3.0, mini_steps=2,

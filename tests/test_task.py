@@ -10,7 +10,7 @@ from dedloc.errors import UserInputError
 from dedloc.task import data as data_lib
 from dedloc.task.build import build_peer_task, prepare_tokenizer
 from dedloc.task.corpus import embedded_corpus_path
-from dedloc.task.model import build_model
+from dedloc.task.model import build_model, parameter_sketch, sketch_distance
 from dedloc.task.optimization import lr_factor
 from dedloc.task.tokenizer import SPECIAL_TOKENS, read_tokenizer_json, to_hf_tokenizer, tokenizer_sha256, train_tokenizer
 
@@ -85,6 +85,21 @@ def test_model_init_is_identical_for_a_seed(tokenizer_json):
     for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.state_dict()["albert.embeddings.word_embeddings.weight"], c.state_dict()["albert.embeddings.word_embeddings.weight"])
+
+
+def test_parameter_sketch_tells_how_far_apart_two_models_are(tokenizer_json):
+    config = default_run_config()
+    tokenizer = to_hf_tokenizer(tokenizer_json, 128)
+    a, b = build_model(config.model, tokenizer, 0), build_model(config.model, tokenizer, 0)
+    assert sketch_distance(parameter_sketch(a), parameter_sketch(b)) == 0.0
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        deltas = [torch.randn(p.shape, generator=generator) for p in b.parameters()]
+        scale = 1e-3 * sum(float(p.square().sum()) for p in a.parameters()) ** 0.5 / sum(float(d.square().sum()) for d in deltas) ** 0.5
+        for p, d in zip(b.parameters(), deltas):
+            p.add_(d * scale)  # exactly 1e-3 apart (relative L2)
+    distance = sketch_distance(parameter_sketch(b), parameter_sketch(a))
+    assert 3e-4 < distance < 3e-3, distance  # an estimate from 8 random projections
 
 
 @pytest.mark.parametrize("suffix, writer", [

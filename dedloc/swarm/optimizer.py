@@ -381,10 +381,11 @@ class StateReader:
                 start=True,
             )
 
-    def share(self) -> None:
-        """Offer the state held now to peers that download state (priority: its step − ½)."""
+    def share(self, final: bool = False) -> None:
+        """Offer the state held now to peers that download state, with priority its step − ½ — or, for
+        the run's final checkpoint (``final``), step + ½: it then outranks every peer's own state."""
         self.averager.allow_state_sharing = True
-        self.averager.state_sharing_priority = self.averager.local_epoch - 0.5
+        self.averager.state_sharing_priority = self.averager.local_epoch + (0.5 if final else -0.5)
 
     def load(self, model_state: dict, optimizer_state: Optional[dict], step: int) -> None:
         """Hold the given state (from a checkpoint) as the state of global ``step``."""

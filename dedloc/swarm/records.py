@@ -312,8 +312,9 @@ def fetch_manifest(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 1
 class RunStatus:
     """The coordinator's word on the run: which config and tokenizer it runs (a peer running others
     must leave), ``stop_at`` — the global step at which peers stop contributing (None: the run's total
-    steps), ``finished`` — the final checkpoint is written and peers may leave — and the newest
-    checkpoint's step."""
+    steps), ``finished`` — the final checkpoint is written and peers may leave — the newest
+    checkpoint's step, and ``final_sketch``: :func:`~dedloc.task.model.parameter_sketch` of the final
+    checkpoint's parameters, which the coordinator then serves to peers that ended apart from it."""
 
     run_id: str
     config_sha256: str
@@ -322,6 +323,7 @@ class RunStatus:
     finished: bool
     final_step: Optional[int] = None
     checkpoint_step: Optional[int] = None
+    final_sketch: Optional[tuple[float, ...]] = None
 
     def to_record(self) -> dict:
         return dict(
@@ -333,6 +335,7 @@ class RunStatus:
             finished=self.finished,
             final_step=self.final_step,
             checkpoint_step=self.checkpoint_step,
+            final_sketch=None if self.final_sketch is None else [float(x) for x in self.final_sketch],
         )
 
 
@@ -346,6 +349,7 @@ class _StatusRecord(pydantic.BaseModel):
     finished: bool
     final_step: Optional[int] = pydantic.Field(None, ge=0)
     checkpoint_step: Optional[int] = pydantic.Field(None, ge=0)
+    final_sketch: Optional[list[pydantic.FiniteFloat]] = pydantic.Field(None, min_length=2, max_length=16)
 
 
 def publish_status(
@@ -371,7 +375,12 @@ def _fetch_coordinator_record(dht: hivemind.DHT, key: str, coordinator_id: PeerI
 
 def fetch_status(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[RunStatus]:
     parsed = _fetch_coordinator_record(dht, status_key(coordinator_id), coordinator_id, _StatusRecord, "run status", timeout)
-    return None if parsed is None else RunStatus(**parsed.model_dump(exclude={"protocol"}))
+    if parsed is None:
+        return None
+    fields = parsed.model_dump(exclude={"protocol"})
+    if fields["final_sketch"] is not None:
+        fields["final_sketch"] = tuple(fields["final_sketch"])
+    return RunStatus(**fields)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from transformers import AlbertConfig, AlbertForMaskedLM, PreTrainedTokenizerFast
 
@@ -37,6 +39,37 @@ def build_model(model: ModelSection, tokenizer: PreTrainedTokenizerFast, seed: i
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+SKETCH_DIRECTIONS = 8
+SKETCH_SEED = 20240901
+_SKETCH_CHUNK = 1 << 20
+
+
+def parameter_sketch(module: torch.nn.Module) -> tuple[float, ...]:
+    """The parameters' L2 norm, then their projections on :data:`SKETCH_DIRECTIONS` fixed random
+    directions (standard normal, seeded): :func:`sketch_distance` of two sketches estimates the relative
+    L2 distance of the two parameter sets, without sending the parameters. Same architecture required."""
+    generator = torch.Generator().manual_seed(SKETCH_SEED)
+    norm_sq, projections = 0.0, torch.zeros(SKETCH_DIRECTIONS, dtype=torch.float64)
+    with torch.no_grad():
+        for p in module.parameters():
+            flat = p.detach().double().flatten()
+            norm_sq += float(flat.square().sum())
+            for start in range(0, flat.numel(), _SKETCH_CHUNK):
+                chunk = flat[start:start + _SKETCH_CHUNK]
+                directions = torch.randn(chunk.numel(), SKETCH_DIRECTIONS, generator=generator, dtype=torch.float64)
+                projections += chunk @ directions
+    return (norm_sq ** 0.5, *(float(x) for x in projections))
+
+
+def sketch_distance(a: Sequence[float], b: Sequence[float]) -> float:
+    """About ‖θa − θb‖ / ‖θb‖ for the sketches of two parameter sets (each projection of the difference
+    is normal with the difference's norm as its deviation; their root mean square estimates it)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("sketches of different sizes")
+    squares = [(x - y) ** 2 for x, y in zip(a[1:], b[1:])]
+    return (sum(squares) / len(squares)) ** 0.5 / max(abs(b[0]), 1e-30)
 
 
 def parameter_fingerprint(module: torch.nn.Module) -> float:
