@@ -43,6 +43,7 @@ from dedloc.lab.swarm import LabNode, LabSwarm
 
 AVERAGING_TIMEOUT = 15.0
 FAULTS = ("power_off", "crash", "cut")
+PROGRESS = r"step=\d+ loss=|joined the swarm as|state downloaded in"  # log lines that show a peer progressing
 DIVERGENCE_LIMIT = 1e-5  # relative L2 difference: float32 rounding of state averaging without compression
 
 
@@ -273,7 +274,8 @@ class Soak:
                           self.unplanned_exits)
 
     def _wedged(self, name: str, node: LabNode, first: float, window_end: float) -> bool:
-        """Alive and connected for 3 × averaging_timeout in the window without taking a step."""
+        """Alive and connected for 3 × averaging_timeout in the window without progress: a step, or on
+        the way back into the swarm after a restart or a cut, joining it or finishing a state download."""
         limit = 3 * AVERAGING_TIMEOUT
         day = dt.datetime.fromtimestamp(first).date()
         incarnations = [*node.previous, node.child]
@@ -283,7 +285,7 @@ class Soak:
             if not lines:
                 continue
             born, died = max(lines[0], first), min(lines[-1], window_end)
-            marks = [born] + [t for t in _log_times(text, r"step=\d+ loss=", day) if born <= t <= died] + [died]
+            marks = [born] + [t for t in _log_times(text, PROGRESS, day) if born <= t <= died] + [died]
             for a, b in zip(marks, marks[1:]):
                 outage = sum(max(0.0, min(b, end) - max(a, start)) for start, end in self.cut_windows.get(name, []))
                 if b - a - outage > limit:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import socket
+import socketserver
 import threading
 from functools import lru_cache
 from http import HTTPStatus
@@ -95,6 +96,14 @@ class _MetricsCollector:
         for row in self.view.leaderboard():
             contributions.add_metric([row["name"]], float(row["samples"]))
         yield contributions
+
+
+class _DashboardServer(ThreadingHTTPServer):
+    def server_bind(self) -> None:
+        # HTTPServer looks its host's name up (socket.getfqdn) only to fill server_name, which nothing
+        # here reads; on a machine without name resolution that lookup stalls the start by 10 s
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -194,9 +203,9 @@ class Dashboard:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_MetricsCollector(self.view))
         handler = type("DashboardHandler", (_Handler,), dict(view=self.view, registry=registry))
-        server_class = ThreadingHTTPServer
+        server_class = _DashboardServer
         if ":" in self.host:
-            server_class = type("DashboardServer6", (ThreadingHTTPServer,), dict(address_family=socket.AF_INET6))
+            server_class = type("DashboardServer6", (_DashboardServer,), dict(address_family=socket.AF_INET6))
         try:
             self._server = server_class((self.host, self.port), handler)
         except OSError as e:

@@ -11,6 +11,7 @@ and reshuffled every pass over the data.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
@@ -76,6 +77,25 @@ def _local_files(source: str, fmt: str) -> tuple[str, list[str]]:
     return fmt, files
 
 
+@contextlib.contextmanager
+def _offline(datasets_module) -> Iterator[None]:
+    """Keep ``datasets`` off the network while it loads local files: unless told it is offline, it
+    first asks the hub about its packaged loaders, and where name resolution times out (a machine
+    without DNS) that costs 10 s at every start."""
+    import huggingface_hub.constants as hub_constants
+
+    flags = [(datasets_module.config, "HF_HUB_OFFLINE"), (datasets_module.config, "HF_DATASETS_OFFLINE"),
+             (hub_constants, "HF_HUB_OFFLINE")]
+    saved = [(module, name, getattr(module, name)) for module, name in flags if hasattr(module, name)]
+    for module, name, _ in saved:
+        setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def load_text_dataset(section: DataSection, cache_dir: str | Path | None = None):
     """Load the raw text dataset (a ``datasets.Dataset``, or an ``IterableDataset`` when streaming).
 
@@ -87,9 +107,10 @@ def load_text_dataset(section: DataSection, cache_dir: str | Path | None = None)
     source = section.source
     try:
         if source == "embedded":
-            dataset = datasets.load_dataset(
-                "text", data_files=str(embedded_corpus_path()), split="train", cache_dir=cache_dir
-            )
+            with _offline(datasets):
+                dataset = datasets.load_dataset(
+                    "text", data_files=str(embedded_corpus_path()), split="train", cache_dir=cache_dir
+                )
         elif source.startswith(HUB_PREFIX):
             dataset = datasets.load_dataset(
                 source[len(HUB_PREFIX) :],
@@ -102,9 +123,10 @@ def load_text_dataset(section: DataSection, cache_dir: str | Path | None = None)
             dataset = datasets.load_from_disk(str(Path(source).expanduser()))
         else:
             fmt, files = _local_files(source, section.format)
-            dataset = datasets.load_dataset(
-                fmt, data_files=files, split="train", cache_dir=cache_dir, streaming=section.streaming
-            )
+            with _offline(datasets):
+                dataset = datasets.load_dataset(
+                    fmt, data_files=files, split="train", cache_dir=cache_dir, streaming=section.streaming
+                )
     except UserInputError:
         raise
     except Exception as e:  # datasets raises many kinds: missing files, bad formats, no network, no permission
