@@ -60,7 +60,8 @@ NEXT_STEP_PERIOD = 2.0
 KNOWN_PEERS_PERIOD = 10.0
 PEERS_LEAVE_GRACE = 30.0
 LAST_STEPS_GRACE = 30.0
-END_AT_FILE = "END_AT"  # in the state directory: the organiser's request to end the run early
+END_AT_FILE = "END_AT"
+END_MARGIN = 3  # steps: an end moved past the peers leaves them time to hear of it (a step takes seconds)  # in the state directory: the organiser's request to end the run early
 
 
 @dataclass
@@ -156,8 +157,9 @@ class Coordinator:
             raise
 
     def publish(self) -> None:
-        publish_manifest(self.dht, self.identity.public_key, self.identity.peer_id, self.manifest)
+        # the status first: it is small and may carry news (a new end); the manifest is unchanged
         publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
+        publish_manifest(self.dht, self.identity.public_key, self.identity.peer_id, self.manifest)
 
     def start_dashboard(self) -> Optional[str]:
         """Serve the dashboard on the configured port, else the one remembered from the first start
@@ -309,9 +311,10 @@ class Coordinator:
     def check_end_request(self, tracker: SwarmTracker) -> None:
         """End the run early if the organiser wrote a step into ``END_AT`` in the state directory.
 
-        The run ends at that step, or at the step after the furthest any live peer claims if the swarm
-        is already there (the coordinator's own view may lag the peers by a few steps); a request
-        beyond the current end is ignored. Peers learn the new end from the published status and finish with
+        The run ends at that step, or — if some live peer is already there or close (the coordinator's
+        own view may lag the peers by a few steps) — ``END_MARGIN`` steps past the furthest one, so
+        that the peers hear of the end before they get there; a request beyond the current end is
+        ignored. Peers learn the new end from the published status and finish with
         a final state-averaging round, as at the planned end. The file stays, so a restarted
         coordinator keeps to it.
         """
@@ -329,13 +332,13 @@ class Coordinator:
                 logger.warning(f"{path} should hold a step number (got {text[:40]!r}); ignoring it")
                 self._bad_end_request = text
             return
-        end = max(wanted, tracker.global_step + 1, tracker.highest_claim + 1)
+        end = max(wanted, tracker.global_step + END_MARGIN, tracker.highest_claim + END_MARGIN)
         if end >= self.stop_at:
             return
         logger.info(f"ending the run at step {end}, as {path} asks (it was to end at step {self.stop_at})")
         self.stop_at = tracker.last_step = self.view.stop_at = end
         self.status = dataclasses.replace(self.status, stop_at=end)
-        self.publish()
+        publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
 
     def finish(self, tracker: SwarmTracker, history) -> int:
         """Final checkpoint, then announce the end and give the peers time to leave."""
@@ -360,15 +363,17 @@ class Coordinator:
         # a peer whose final round went astray (split groups, a round left half-done unnoticed) compares
         # its parameters with this sketch and downloads the final checkpoint's state
         sketch = checkpointer.offer_as_final() if saved is not None else None
+        # peers that stepped past the end before they heard of it may have given a later final state
+        final_step = max(tracker.global_step, saved.step if saved else 0)
         self.status = dataclasses.replace(
-            self.status, finished=True, final_step=tracker.global_step, checkpoint_step=final.step if final else None,
+            self.status, finished=True, final_step=final_step, checkpoint_step=final.step if final else None,
             final_sketch=sketch,
         )
         publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
         self.note_checkpoint()
-        self.view.update(finished=True, step=tracker.global_step, samples_accumulated=0, eta_next_step=None)
+        self.view.update(finished=True, step=final_step, samples_accumulated=0, eta_next_step=None)
         self.publish_summary()
-        logger.info(f"run finished at step {tracker.global_step}; final checkpoint: {final.path if final else 'none'}")
+        logger.info(f"run finished at step {final_step}; final checkpoint: {final.path if final else 'none'}")
         deadline = time.monotonic() + PEERS_LEAVE_GRACE
         while time.monotonic() < deadline and not self.stop.is_set():
             tracker.poll()

@@ -240,12 +240,8 @@ class PeerTrainer:
     def wait_for_peers(self) -> None:
         """Wait (up to ``wait_for_peers_timeout``) until ``min_peers`` peers are online, this one included."""
         wanted = self.config.training.min_peers
-        timeout = self.config.training.wait_for_peers_timeout
-        if self.opt.local_epoch > 0:
-            # joining a run under way: a peer that is downloading the state publishes metrics but no
-            # progress, so it may never be counted; wait at most one online window for it
-            timeout = min(timeout, ONLINE_WINDOW)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + self.config.training.wait_for_peers_timeout
         announced = False
         while not self.stop.is_set():
             self.publish(None, 0)
@@ -253,6 +249,11 @@ class PeerTrainer:
             online = [m for m in records.values() if time.time() - m.time < ONLINE_WINDOW]
             if len(online) >= wanted:
                 return
+            if self.opt.local_epoch > 0 or any(m.step > 0 for m in online):
+                # joining a run under way (also a restarted peer, still at step 0 until it downloads):
+                # a peer that is downloading the state publishes metrics but no progress, so it may
+                # never be counted; wait at most one online window for it
+                deadline = min(deadline, started + ONLINE_WINDOW)
             if not announced:
                 logger.info(f"waiting for the swarm: {len(online)} of {wanted} peers online")
                 announced = True
@@ -542,16 +543,16 @@ class PeerTrainer:
         distance = sketch_distance(parameter_sketch(self.task.model), status.final_sketch)
         if distance <= tolerance:
             return
-        if self.opt.local_epoch > (status.checkpoint_step or 0):
-            logger.warning(f"this peer (step {self.opt.local_epoch}) is past the final checkpoint (step "
-                           f"{status.checkpoint_step}); keeping its own state")
-            return
         logger.warning(
             f"this peer's parameters ended {distance:.1e} (relative) apart from the final checkpoint's: "
             "downloading the checkpoint's state"
         )
         started = time.monotonic()
         for attempt in range(1, FINAL_MATCH_ATTEMPTS + 1):
+            # a peer that stepped past the end before it heard of it takes the checkpoint's state all the
+            # same: hivemind takes no state of a step older than its own
+            averager = self.opt.state_averager
+            averager.local_epoch = min(averager.local_epoch, status.checkpoint_step or 0)
             try:
                 self.opt.state_averager.load_state_from_peers(timeout=self.config.averaging.load_state_timeout)
             except Exception as e:  # hivemind raises timeouts and connection errors here
