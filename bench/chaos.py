@@ -43,7 +43,7 @@ from dedloc.lab.swarm import LabNode, LabSwarm
 
 AVERAGING_TIMEOUT = 15.0
 FAULTS = ("power_off", "crash", "cut")
-PROGRESS = r"step=\d+ loss=|joined the swarm as|state downloaded in"  # log lines that show a peer progressing
+PROGRESS = r"step=\d+ loss=|joined the swarm as|downloading its state|state downloaded in"  # a peer progressing
 DIVERGENCE_LIMIT = 1e-5  # relative L2 difference: float32 rounding of state averaging without compression
 
 
