@@ -60,8 +60,8 @@ NEXT_STEP_PERIOD = 2.0
 KNOWN_PEERS_PERIOD = 10.0
 PEERS_LEAVE_GRACE = 30.0
 LAST_STEPS_GRACE = 30.0
-END_AT_FILE = "END_AT"
-END_MARGIN = 3  # steps: an end moved past the peers leaves them time to hear of it (a step takes seconds)  # in the state directory: the organiser's request to end the run early
+END_AT_FILE = "END_AT"  # in the state directory: the organiser's request to end the run early
+END_MARGIN = 3  # steps: an end moved past the peers leaves them time to hear of it (a step takes seconds)
 
 
 @dataclass

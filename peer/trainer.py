@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 SWARM_RATE_PERIOD = 5.0
 BACKGROUND_JOIN_TIMEOUT = 10.0  # a DHT read in flight times out within this
 FINAL_SYNC_WINDOWS = 3
-FINAL_MATCH_TOLERANCE = {True: 1e-6, False: 2e-3}  # relative L2; key: state averaging is lossless
+FINAL_MATCH_TOLERANCE = 1e-6  # relative L2 from the final checkpoint, with lossless state averaging
+FINAL_MATCH_TOLERANCE_LOSSY = 2e-3  # ... with fp16 or 8-bit state averaging
 FINAL_MATCH_ATTEMPTS = 2  # the first download may find a peer's state before the checkpoint's is offered
 FINAL_SYNC_ROUNDS = 3  # rounds tried at the end while some peer leaves them half-done
 # hivemind estimates the time to the next step from its samples/s, which starts near zero: such an
@@ -539,7 +540,8 @@ class PeerTrainer:
             with torch.no_grad():
                 for p in self.task.model.parameters():
                     p.mul_(1.0 + 1e-3)
-        tolerance = FINAL_MATCH_TOLERANCE[self.config.averaging.state_compression == "none"]
+        lossless = self.config.averaging.state_compression == "none"
+        tolerance = FINAL_MATCH_TOLERANCE if lossless else FINAL_MATCH_TOLERANCE_LOSSY
         distance = sketch_distance(parameter_sketch(self.task.model), status.final_sketch)
         if distance <= tolerance:
             return
