@@ -153,10 +153,18 @@ class AveragingSection(_Section):
     """Seconds after which an averaging round is abandoned."""
     load_state_timeout: float = Field(120.0, gt=0)
     """Seconds a newcomer may take to download the current state."""
+    sender_timeout: float = Field(5.0, gt=0)
+    """Seconds a groupmate may stay silent in an all-reduce before the round goes on without its part
+    (results it owes the others may take twice this). A loaded peer can miss a tight bound: the
+    members then end the round with different values for its part."""
     download_chunk_timeout: float = Field(10.0, gt=0)
     """Seconds a state download waits for the next piece from one donor before it moves on to the next."""
     average_state_every: int = Field(1, gt=0)
     """Average parameters and optimizer statistics every this many global steps (keeps peers identical)."""
+    average_optimizer_state: bool = True
+    """Average the optimizer's statistics (Adam's moments) along with the parameters. Keeps the peers'
+    optimizers identical — a newcomer's, whose moments are older, and a peer's that missed a round —
+    so equal parameters take equal steps; state averaging then carries three times the numbers."""
     grad_compression: Compression = "fp16"
     """Compression of gradients on the wire."""
     state_compression: Compression = "none"

@@ -9,6 +9,7 @@ global step) for checkpoints, without ever training or taking part in averaging.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing as mp
 import signal
@@ -24,6 +25,7 @@ from hivemind.compression import (
     ScaledFloat16Compression,
     Uniform8BitQuantization,
 )
+from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 # the averaging weight of a peer that takes part in a round only to receive its result (its own values
 # then move the average by a millionth of their difference from the others')
 NEGLIGIBLE_WEIGHT = 1e-6
+# the optimizer's statistics averaged with the parameters (AdamW's first and second moments)
+OPTIMIZER_STATISTICS = ("exp_avg", "exp_avg_sq")
 
 
 @contextlib.contextmanager
@@ -68,9 +72,69 @@ def state_averager_prefix(prefix: str) -> str:
     return f"{prefix}_state_averager"
 
 
-class ReportingGradientAverager(GradientAverager):
+class ReducerShares:
+    """Mixin for hivemind averagers: a peer can take part in a round without reducing any share of it.
+
+    In hivemind's all-reduce every member of a group averages ("reduces") a slice of the vector for
+    all the others, sized by the bandwidth each announces. A member that is slow to deliver its slice
+    — a newcomer still busy with its download, a peer with nothing to contribute — holds up the whole
+    group, and when it fails, the others keep their own values for its slice. Such a member announces
+    bandwidth 0 (:meth:`announce`) and only sends and receives.
+
+    hivemind's load balancing refuses a group in which *every* member announced 0 (an assertion in
+    ``load_balance_peers``, 1.1.12): there, every member reduces an equal share instead. All members
+    see the same gathered announcements and so agree on the shares.
+    """
+
+    def announce(self, reduces: bool) -> None:
+        """Announce, in the rounds this peer schedules from now on, whether it reduces a share."""
+        self.bandwidth = None if reduces else 0.0  # None: "as much as the group's average" (hivemind)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
+        if logger.isEnabledFor(logging.DEBUG):
+            announced = [self.serializer.loads(entry)[0] for entry in group_info.gathered]
+            logger.debug(f"{type(self).__name__}: a round with {group_info.group_size} peers, bandwidths announced {announced}")
+        return await super()._aggregate_with_group(_with_reducers(group_info, self.serializer), *args, **kwargs)
+
+
+def _with_reducers(group_info: GroupInfo, serializer) -> GroupInfo:
+    """``group_info`` itself, or — when no member would reduce a share — a copy in which every member
+    that is not in client mode announces the group's default bandwidth."""
+    announced = [serializer.loads(entry) for entry in group_info.gathered]  # [bandwidth, mode, user data]
+    if any(bandwidth != 0 and AveragingMode(mode) != AveragingMode.CLIENT for bandwidth, mode, _ in announced):
+        return group_info
+    gathered = tuple(
+        serializer.dumps([None if AveragingMode(mode) != AveragingMode.CLIENT else bandwidth, mode, user_data])
+        for bandwidth, mode, user_data in announced
+    )
+    return dataclasses.replace(group_info, gathered=gathered)
+
+
+class ReportingGradientAverager(ReducerShares, GradientAverager):
     """hivemind's gradient averager, logging (at info) when this peer begins a gradient-averaging round:
-    an operator sees where a stall happens, and fault tests use the line as their cue."""
+    an operator sees where a stall happens, and fault tests use the line as their cue.
+
+    A newcomer — a peer whose gradient rounds have not yet completed one since it joined or downloaded
+    the swarm's state (:meth:`rejoined`) — and a peer with no samples accumulated when its round is
+    scheduled reduce no share of the round (see :class:`ReducerShares`): the others do not wait on it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.rounds_completed = mp.Value("i", 0)  # shared with the averager's background process
+        self._completed_at_join = 0
+        super().__init__(*args, **kwargs)
+
+    def rejoined(self) -> None:
+        """This peer just took the swarm's state: it is a newcomer again until one of its rounds completes."""
+        self._completed_at_join = self.rounds_completed.value
+
+    @property
+    def newcomer(self) -> bool:
+        return self.rounds_completed.value == self._completed_at_join
+
+    def schedule_step(self, *args, **kwargs):
+        self.announce(reduces=not self.newcomer and self.local_samples_accumulated > 0)
+        return super().schedule_step(*args, **kwargs)
 
     def step(self, *args, weight: Optional[float] = None, **kwargs):
         self.rounds_begun = getattr(self, "rounds_begun", 0) + 1
@@ -81,8 +145,14 @@ class ReportingGradientAverager(GradientAverager):
             weight = NEGLIGIBLE_WEIGHT
         return super().step(*args, weight=weight, **kwargs)
 
+    async def _aggregate_with_group(self, *args, **kwargs):
+        gathered = await super()._aggregate_with_group(*args, **kwargs)
+        with self.rounds_completed.get_lock():
+            self.rounds_completed.value += 1
+        return gathered
 
-class CheckedStateAverager(TrainingStateAverager):
+
+class CheckedStateAverager(ReducerShares, TrainingStateAverager):
     """hivemind's state averager, noticing rounds that were left half-done.
 
     When a peer vanishes in the middle of an all-reduce, hivemind (1.1.12,
@@ -116,8 +186,8 @@ class CheckedStateAverager(TrainingStateAverager):
 
     def receive_next_average(self) -> None:
         """Weigh this peer's state as good as nothing in the state-averaging rounds from now until one
-        of them finds a group: the peer then takes the others' average without pulling it toward its
-        own, older state."""
+        of them finds a group, and reduce no share of them: the peer then takes the others' average
+        without pulling it toward its own, older state, and without the others waiting on it."""
         self._receiving_since = self.rounds_done.value
 
     @property
@@ -130,7 +200,13 @@ class CheckedStateAverager(TrainingStateAverager):
     def stop_receiving(self) -> None:
         self._receiving_since = None
 
+    def schedule_step(self, *args, **kwargs):
+        self.announce(reduces=not self.receiving)
+        return super().schedule_step(*args, **kwargs)
+
     def step(self, *args, averaging_round: bool = False, averaging_control=None, averaging_opts=None, **kwargs):
+        if averaging_round and averaging_control is None:
+            self.announce(reduces=not self.receiving)
         if averaging_round and self.receiving:
             if averaging_control is not None:
                 averaging_control.weight = NEGLIGIBLE_WEIGHT
@@ -237,6 +313,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if downloaded is None:
             return
         self._downloaded_epoch = downloaded
+        self.grad_averager.rejoined()
         if downloaded < self.local_epoch:
             self._take_swarm_step(self.local_epoch, downloaded)
 
@@ -321,10 +398,11 @@ def build_optimizer(
     # hivemind warns (and may deadlock in rare cases) when requests may outlive matchmaking
     averager_opts = {
         "request_timeout": min(3.0, averaging.matchmaking_time / 2),
-        # in an all-reduce, a peer silent for this long is dropped from the round (hivemind's default);
-        # state downloads wait longer (download_chunk_timeout, below)
-        "sender_timeout": averaging.matchmaking_time,
-        "reducer_timeout": 2 * averaging.matchmaking_time,
+        # in an all-reduce, a peer silent for this long is dropped from the round. hivemind's default,
+        # matchmaking_time (2 s), dropped busy peers from rounds on a loaded machine; state downloads
+        # wait longer (download_chunk_timeout, below)
+        "sender_timeout": averaging.sender_timeout,
+        "reducer_timeout": 2 * averaging.sender_timeout,
     }
     if averaging.target_group_size is not None:
         averager_opts["target_group_size"] = averaging.target_group_size
@@ -344,6 +422,7 @@ def build_optimizer(
             # state downloads
             next_chunk_timeout=averaging.download_chunk_timeout,
             average_state_every=averaging.average_state_every,
+            average_opt_statistics=OPTIMIZER_STATISTICS if averaging.average_optimizer_state else (),
             grad_compression=make_compression(averaging.grad_compression),
             state_averaging_compression=make_compression(averaging.state_compression),
             averager_opts=averager_opts,
