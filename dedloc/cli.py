@@ -121,7 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     peer.add_argument("--identity", type=Path, help="persistent identity file (created if missing)")
     peer.add_argument("--workdir", type=Path, help="directory for this peer's caches")
-    peer.add_argument("--micro-batch", type=_positive_int, dest="micro_batch_size", help="samples per forward pass")
+    peer.add_argument(
+        "--micro-batch", type=_positive_int, dest="micro_batch_size",
+        help="samples per forward pass (default: on a GPU the largest that fits, found at the first start; else the run's)",
+    )
+    peer.add_argument(
+        "--device", default="auto",
+        help="where to compute: auto (CUDA, then Apple MPS, then CPU; the default), cpu, cuda, cuda:N or mps",
+    )
+    peer.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto (the default): bf16 on GPUs that support it, fp16 with loss scaling on older GPUs, fp32 on CPU",
+    )
+    peer.add_argument("--cache-dir", type=Path, help="where the micro-batch found for a GPU is kept (default: ~/.cache/dedloc)")
     peer.add_argument("--data", help="local copy of the run's data source (overrides the run's)")
     peer.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     peer.add_argument("--port", type=_port, default=0, help="TCP port to listen on (default: any free port)")
@@ -219,6 +231,9 @@ def _run(args: argparse.Namespace) -> int:
                 volunteer=args.volunteer,
                 snapshot_dir=args.snapshot_dir,
                 threads=args.threads,
+                device=args.device,
+                precision=args.precision,
+                cache_dir=args.cache_dir,
                 log_level=args.log_level,
             )
         )

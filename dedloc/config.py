@@ -161,10 +161,10 @@ class AveragingSection(_Section):
     """Seconds a state download waits for the next piece from one donor before it moves on to the next."""
     average_state_every: int = Field(1, gt=0)
     """Average parameters and optimizer statistics every this many global steps (keeps peers identical)."""
-    average_optimizer_state: bool = True
-    """Average the optimizer's statistics (Adam's moments) along with the parameters. Keeps the peers'
-    optimizers identical — a newcomer's, whose moments are older, and a peer's that missed a round —
-    so equal parameters take equal steps; state averaging then carries three times the numbers."""
+    average_optimizer_state: bool = False
+    """Also average the optimizer's statistics (Adam's moments and step count) with the parameters, so
+    that a newcomer's older moments, or those of a peer that missed a round, are brought level too.
+    State averaging then carries three times the numbers (see docs/reliability.md for what it gave)."""
     grad_compression: Compression = "fp16"
     """Compression of gradients on the wire."""
     state_compression: Compression = "none"

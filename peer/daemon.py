@@ -18,6 +18,7 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 
 from dedloc.checkpoint import write_checkpoint
+from dedloc.config import RunConfig
 from dedloc.errors import UserInputError
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import setup_logging
@@ -26,8 +27,18 @@ from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, start_dht
 from dedloc.swarm.optimizer import build_optimizer
 from dedloc.swarm.records import metrics_validator
-from dedloc.task.build import build_peer_task
+from dedloc.task.build import PeerTask, build_peer_task
 from dedloc.task.data import peer_data_seed
+from dedloc.task.device import (
+    ComputePlan,
+    Precision,
+    MicroBatchCache,
+    choose_precision,
+    default_cache_dir,
+    describe_device,
+    resolve_device,
+    search_micro_batch,
+)
 
 from .join import read_join_file, wait_for_manifest
 from .progress_view import ProgressView
@@ -57,6 +68,12 @@ class PeerOptions:
     snapshot_dir: Optional[Path] = None
     """Write this peer's final local state here (HF format) when it leaves."""
     threads: Optional[int] = None
+    device: str = "auto"
+    """``auto`` (CUDA, then Apple MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    precision: str = "auto"
+    """``auto`` (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
+    cache_dir: Optional[Path] = None
+    """Where the micro-batch size found for a GPU is kept (default: ``~/.cache/dedloc``)."""
     log_level: str = "info"
     extra_env: dict = field(default_factory=dict)
 
@@ -85,6 +102,10 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         )
     if options.threads is not None:
         torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    precision = choose_precision(device, options.precision)
+    searching = device.type == "cuda" and options.micro_batch_size is None
+    micro_batch_cache = MicroBatchCache(options.cache_dir or default_cache_dir()) if searching else None
     identity = Identity.load_or_create(options.identity) if options.identity else Identity.create_ephemeral()
     identity.bind_to_process()
     setup_logging(options.log_level, "peer", identity.peer_id.to_base58())
@@ -125,19 +146,24 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         )
         if stop.is_set():
             return 130
+        compute = place_task(task, config, device, precision, micro_batch, micro_batch_cache, options.device)
+        micro_batch = compute.micro_batch_size
         optimizer = build_optimizer(
             dht, config, manifest.swarm_prefix, task.model, micro_batch, verbose=options.log_level == "debug"
         )
         logger.info(f"ready to train after {time.monotonic() - started:.1f} s")
         trainer = PeerTrainer(
             dht, identity, manifest, join.coordinator_id, task, optimizer, micro_batch, stop,
-            volunteer=options.volunteer, view=ProgressView(),
+            volunteer=options.volunteer, view=ProgressView(), compute=compute,
         )
         try:
             trainer.run()
         finally:
             trainer.say_goodbye()
             optimizer.shutdown()
+            peak = compute.peak_memory_mib()
+            if peak is not None:
+                logger.info(f"peak GPU memory: {peak:.0f} MiB")
             if options.snapshot_dir is not None:
                 path = write_checkpoint(
                     options.snapshot_dir,
@@ -159,3 +185,45 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         if dht is not None:
             dht.shutdown()
         identity.discard()
+
+
+def place_task(task: PeerTask, config: RunConfig, device: torch.device, precision: Precision, micro_batch: int,
+               cache: Optional[MicroBatchCache], requested_device: str) -> ComputePlan:
+    """Move the model to ``device`` and settle the micro-batch: on a GPU, without ``--micro-batch`` (no
+    ``cache`` then), the largest that fits up to the target batch, found by trying and kept in ``cache``.
+    A GPU too small for one sample is the user's error with ``--device cuda``; with ``--device auto``
+    the peer falls back to the CPU with a warning."""
+    task.model.to(device)
+    if cache is not None:
+        key = MicroBatchCache.key(
+            f"{describe_device(device)} {torch.cuda.get_device_properties(device).total_memory}",
+            config.model.model_dump_json(), config.data.seq_length, precision,
+        )
+        found = cache.get(key)
+        if found is not None:
+            logger.info(f"micro-batch {found}, as found on this GPU before ({cache.path})")
+        else:
+            parameters = sum(p.numel() for p in task.model.parameters())
+            sample = next(iter(task.stream))
+            started = time.monotonic()
+            try:
+                # held aside while trying: the optimizer's two moments and the gradient accumulators
+                search = search_micro_batch(task.model, sample, device, precision,
+                                            largest=config.training.target_batch_size, reserve_bytes=12 * parameters)
+            except MemoryError:
+                if requested_device != "auto":
+                    raise UserInputError(f"{describe_device(device)} is too small for this model: not even one "
+                                         "sample fits; use --device cpu") from None
+                logger.warning(f"{describe_device(device)} is too small for this model (not even one sample "
+                               "fits): computing on the CPU instead")
+                task.model.to("cpu")
+                torch.cuda.empty_cache()
+                return ComputePlan(torch.device("cpu"), "fp32", micro_batch)
+            found = search.size
+            cache.put(key, found)
+            logger.info(f"micro-batch {found}: the largest that fits (tried {search.tried} in "
+                        f"{time.monotonic() - started:.1f} s; kept in {cache.path})")
+        micro_batch = found
+        task.stream.micro_batch_size = micro_batch
+    logger.info(f"computing on {describe_device(device)} in {precision}, micro-batch {micro_batch}")
+    return ComputePlan(device, precision, micro_batch)

@@ -40,6 +40,7 @@ from dedloc.swarm.records import (
     publish_metrics,
 )
 from dedloc.task.build import PeerTask
+from dedloc.task.device import ComputePlan, describe_device
 from dedloc.task.model import parameter_fingerprint, parameter_sketch, sketch_distance
 
 from .progress_view import PeerProgress, ProgressView
@@ -175,8 +176,11 @@ class PeerTrainer:
         volunteer: Optional[str] = None,
         end_grace: float = 120.0,
         view: Optional[ProgressView] = None,
+        compute: Optional[ComputePlan] = None,
     ):
+        """``compute``: device, precision and micro-batch (default: the CPU in fp32, ``micro_batch_size``)."""
         self.dht, self.identity, self.manifest = dht, identity, manifest
+        self.compute = compute or ComputePlan(torch.device("cpu"), "fp32", micro_batch_size)
         self.config: RunConfig = manifest.config
         self.prefix = manifest.swarm_prefix
         self.task, self.opt, self.micro_batch_size = task, optimizer, micro_batch_size
@@ -223,7 +227,7 @@ class PeerTrainer:
             samples=self.samples_contributed,
             time=time.time(),
             volunteer=self.volunteer,
-            device="cpu",
+            device=describe_device(self.compute.device)[:64],
             client_mode=bool(self.dht.client_mode),
         )
         with self._publish_lock:
@@ -381,11 +385,11 @@ class PeerTrainer:
                 self.wait_for_contact()
                 stats, epoch = StepStats(), opt.local_epoch
                 continue
-            batch = next(batches)
-            loss = model(**batch).loss
-            loss.backward()
+            batch = self.compute.to_device(next(batches))
+            with self.compute.autocast():
+                loss = model(**batch).loss
+            self.compute.backward_and_step(loss, opt)
             stats.losses.append(float(loss.detach()))
-            opt.step()
             opt.zero_grad(set_to_none=False)
             stats.samples += self.micro_batch_size
             # only what the optimizer accumulated counts: not the micro-batch that found this peer

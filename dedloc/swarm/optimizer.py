@@ -42,8 +42,10 @@ logger = logging.getLogger(__name__)
 # the averaging weight of a peer that takes part in a round only to receive its result (its own values
 # then move the average by a millionth of their difference from the others')
 NEGLIGIBLE_WEIGHT = 1e-6
-# the optimizer's statistics averaged with the parameters (AdamW's first and second moments)
-OPTIMIZER_STATISTICS = ("exp_avg", "exp_avg_sq")
+# the optimizer's statistics averaged with the parameters: AdamW's moments, and its step count, which
+# sets the moments' bias correction (a newcomer that took the swarm's steps without an optimizer step
+# of its own counts fewer)
+OPTIMIZER_STATISTICS = ("exp_avg", "exp_avg_sq", "step")
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def parameter_sketch(module: torch.nn.Module) -> tuple[float, ...]:
     norm_sq, projections = 0.0, torch.zeros(SKETCH_DIRECTIONS, dtype=torch.float64)
     with torch.no_grad():
         for p in module.parameters():
-            flat = p.detach().double().flatten()
+            flat = p.detach().to(device="cpu", dtype=torch.float64).flatten()  # same sums on any device
             norm_sq += float(flat.square().sum())
             for start in range(0, flat.numel(), _SKETCH_CHUNK):
                 chunk = flat[start:start + _SKETCH_CHUNK]
