@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch
 
 from dedloc.config import default_run_config
 
-STEP = re.compile(r"step=(\d+) loss=\S+ samples/s=([\d.]+)")
+STEP = re.compile(r"(\d\d):(\d\d):(\d\d) INFO .*step=(\d+) loss=\S+ samples/s=([\d.]+) peers=\d+ contributed=(\d+)")
 COMPUTING = re.compile(r"computing on (.+) in (\w+), micro-batch (\d+)")
 FOUND = re.compile(r"micro-batch (\d+): the largest that fits \(tried (\{.*?\}) in ([\d.]+) s")
 PEAK = re.compile(r"peak GPU memory: (\d+) MiB")
@@ -54,9 +53,15 @@ def _stop(process: subprocess.Popen, timeout: float = 60.0) -> Optional[int]:
     return process.returncode
 
 
-def _rates(text: str, skip: int = 2) -> list[float]:
-    """The peer's own samples/s at each step line, after the first ``skip`` steps (warm-up)."""
-    return [float(m[2]) for m in STEP.finditer(text)][skip:]
+def _rates(text: str, skip: int = 2) -> tuple[Optional[float], Optional[float]]:
+    """(compute, contributed): the peer's compute rate as hivemind's moving average has it at its last
+    step line (samples/s while computing), and the samples it contributed per second of wall time from
+    its ``skip``-th step line to its last (averaging and waiting included)."""
+    rows = [(int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3]), float(m[5]), int(m[6])) for m in STEP.finditer(text)]
+    if len(rows) <= skip + 1:
+        return None, None
+    (t0, _, c0), (t1, rate, c1) = rows[skip], rows[-1]
+    return rate, ((c1 - c0) / ((t1 - t0) % 86400) if t1 != t0 else None)
 
 
 def run_once(root: Path, seconds: float, precision: str, cpu_threads: int) -> dict:
@@ -85,19 +90,27 @@ def run_once(root: Path, seconds: float, precision: str, cpu_threads: int) -> di
         codes["coordinator"] = _stop(coordinator)
     gpu, cpu = (root / "gpu.log").read_text(errors="replace"), (root / "cpu.log").read_text(errors="replace")
     computing, found, peak = COMPUTING.search(gpu), FOUND.search(gpu), PEAK.search(gpu)
-    gpu_rates, cpu_rates = _rates(gpu), _rates(cpu)
+    (gpu_compute, gpu_contributed), (cpu_compute, cpu_contributed) = _rates(gpu), _rates(cpu)
     return dict(
         requested_precision=precision,
         device=computing[1] if computing else None,
         precision=computing[2] if computing else None,
         micro_batch=int(computing[3]) if computing else None,
         micro_batch_search=dict(tried=found[2], seconds=float(found[3])) if found else None,
-        gpu_samples_per_second=statistics.median(gpu_rates) if gpu_rates else None,
-        cpu_samples_per_second=statistics.median(cpu_rates) if cpu_rates else None,
-        global_steps=max([int(m[1]) for m in STEP.finditer(gpu)] or [0]),
+        gpu_compute_samples_per_second=gpu_compute,
+        cpu_compute_samples_per_second=cpu_compute,
+        gpu_contributed_per_second=gpu_contributed,
+        cpu_contributed_per_second=cpu_contributed,
+        global_steps=max([int(m[4]) for m in STEP.finditer(gpu)] or [0]),
         peak_gpu_memory_mib=int(peak[1]) if peak else None,
         exit_codes=codes,
     )
+
+
+def _pair(gpu: Optional[float], cpu: Optional[float]) -> str:
+    if gpu is None or cpu is None:
+        return "—"
+    return f"{gpu:.0f} / {cpu:.0f} ({gpu / cpu:.1f}×)"
 
 
 def main(argv=None) -> int:
@@ -118,13 +131,13 @@ def main(argv=None) -> int:
         print(json.dumps(result), flush=True)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
     print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; CPU peer: {args.cpu_threads} threads")
-    print("| precision asked | device | precision | micro-batch | GPU samples/s | CPU samples/s | ratio | peak GPU MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| precision asked | device | precision | micro-batch | computing, samples/s: GPU / CPU peer | contributed per "
+          "wall second: GPU / CPU peer | peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        gpu, cpu = r["gpu_samples_per_second"], r["cpu_samples_per_second"]
-        ratio = f"{gpu / cpu:.0f}×" if gpu and cpu else "—"
-        print(f"| {r['requested_precision']} | {r['device']} | {r['precision']} | {r['micro_batch']} | {gpu} | {cpu} | "
-              f"{ratio} | {r['peak_gpu_memory_mib']} |")
+        print(f"| {r['requested_precision']} | {r['device']} | {r['precision']} | {r['micro_batch']} | "
+              f"{_pair(r['gpu_compute_samples_per_second'], r['cpu_compute_samples_per_second'])} | "
+              f"{_pair(r['gpu_contributed_per_second'], r['cpu_contributed_per_second'])} | {r['peak_gpu_memory_mib']} |")
     print(f"\nlogs and gpu_check.json in {out}")
     return 0
 
