@@ -26,6 +26,13 @@ pytestmark = [pytest.mark.swarm, pytest.mark.timeout(480)]
 
 AVERAGING_TIMEOUT = 15.0
 PARTITION = 60.0
+# the scenarios test how the swarm weathers faults, not what it learns: a model a tenth of the embedded
+# default's size keeps each step to matchmaking and the faults' own timeouts (and CI time down)
+TINY_RUN = dict(
+    model={"embedding_size": 32, "hidden_size": 64, "intermediate_size": 128},
+    tokenizer={"vocab_size": 2000},
+    data={"seq_length": 64},
+)
 
 
 _NAMESPACES: Optional[str] = None  # why namespaces cannot be made here ("" when they can), found once
@@ -66,6 +73,7 @@ def lab(request, tmp_path):
                 tmp_path / "run.toml",
                 training={"total_steps": total_steps, "min_peers": peers},
                 averaging={"averaging_timeout": AVERAGING_TIMEOUT},
+                **TINY_RUN,
             )
             swarm = LabSwarm(network, tmp_path / "lab", config)
             swarm.start_coordinator(up_mbit=20, down_mbit=50, env=coordinator_env)
@@ -187,9 +195,10 @@ def test_a_cut_off_peer_resynchronises(lab):
     """One peer's link is cut for 60 s, then restored: it stops training when it notices, the others go
     on; back, it sees it is behind, downloads the swarm's state, drops what it had accumulated before
     the outage, and holds the others' parameters from its first step on."""
-    # the others take ~12 steps during the outage; catching up takes the cut-off peer 3 more (download,
-    # a round sat out, a round received), so it trains for a few steps before the end
-    swarm = lab(peers=3, total_steps=20)
+    # the others take ~24 steps during the outage (~2.5 s a step); catching up takes the cut-off peer 3
+    # more (download, a round sat out, a round received), so it trains for a few steps before the end
+    total_steps = 40
+    swarm = lab(peers=3, total_steps=total_steps)
     if isinstance(swarm.network, LoopbackNetwork):
         pytest.skip("cutting a link needs network namespaces (root); loopback processes cannot be cut off")
     cut_off, others = swarm.peers["peer-3"], [swarm.peers["peer-1"], swarm.peers["peer-2"]]
@@ -210,7 +219,7 @@ def test_a_cut_off_peer_resynchronises(lab):
     for node in [swarm.coordinator, *others, cut_off]:
         wait_for(lambda: node.poll() is not None, 300, f"{node.name} to finish", watch=[node.child])
         assert node.poll() == 0, node.child.log_tail(30)
-    assert _last_step(swarm) == 20
+    assert _last_step(swarm) == total_steps
 
     log = cut_off.log_text()
     behind = re.search(r"this peer is at step (\d+), the swarm at step (\d+): downloading its state", log)
@@ -231,7 +240,7 @@ def test_a_cut_off_peer_resynchronises(lab):
     theirs = {line["step"]: line["params"] for other in others for line in _step_lines(other)}
     assert any(math.isclose(line["params"], theirs.get(line["step"], math.inf), rel_tol=1e-3) for line in after), (after, theirs)
     final = [_step_lines(node)[-1] for node in [*others, cut_off]]
-    assert {line["step"] for line in final} == {20}
+    assert {line["step"] for line in final} == {total_steps}
     assert max(line["params"] for line in final) - min(line["params"] for line in final) <= 1e-3 * abs(final[0]["params"])
 
 
