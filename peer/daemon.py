@@ -29,6 +29,7 @@ from dedloc.swarm.optimizer import build_optimizer
 from dedloc.swarm.records import metrics_validator
 from dedloc.task.build import PeerTask, build_peer_task
 from dedloc.task.data import peer_data_seed
+from dedloc.task.model import count_parameters
 from dedloc.task.device import (
     ComputePlan,
     Precision,
@@ -203,7 +204,7 @@ def place_task(task: PeerTask, config: RunConfig, device: torch.device, precisio
         if found is not None:
             logger.info(f"micro-batch {found}, as found on this GPU before ({cache.path})")
         else:
-            parameters = sum(p.numel() for p in task.model.parameters())
+            parameters = count_parameters(task.model)
             sample = next(iter(task.stream))
             started = time.monotonic()
             try:

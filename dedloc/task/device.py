@@ -255,18 +255,18 @@ class ComputePlan:
         return torch.cuda.max_memory_allocated(self.device) / 2**20
 
 
-def search_micro_batch(model: torch.nn.Module, sample: dict, plan_device: torch.device, precision: Precision,
+def search_micro_batch(model: torch.nn.Module, sample: dict, device: torch.device, precision: Precision,
                        largest: int, reserve_bytes: int = 0) -> MicroBatchSearch:
-    """:func:`find_micro_batch` for ``model`` on a CUDA ``plan_device``: each try runs a forward and backward
+    """:func:`find_micro_batch` for ``model`` on a CUDA ``device``: each try runs a forward and backward
     pass on ``sample`` (a micro-batch from the peer's own stream) repeated to the size tried, with
     ``reserve_bytes`` held aside for what training adds later (optimizer statistics, gradient buffers)."""
-    reserve = torch.empty(reserve_bytes // 4, dtype=torch.float32, device=plan_device) if reserve_bytes else None
+    reserve = torch.empty(reserve_bytes // 4, dtype=torch.float32, device=device) if reserve_bytes else None
 
     def try_size(size: int) -> None:
         repeats = -(-size // next(iter(sample.values())).shape[0])
-        batch = {key: value.repeat(repeats, *([1] * (value.dim() - 1)))[:size].to(plan_device) for key, value in sample.items()}
+        batch = {key: value.repeat(repeats, *([1] * (value.dim() - 1)))[:size].to(device) for key, value in sample.items()}
         try:
-            with autocast(plan_device, precision):
+            with autocast(device, precision):
                 loss = model(**batch).loss
             loss.backward()
         finally:
@@ -274,8 +274,8 @@ def search_micro_batch(model: torch.nn.Module, sample: dict, plan_device: torch.
             del batch
 
     def release() -> None:
-        if plan_device.type == "cuda":
-            torch.cuda.synchronize(plan_device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
 
     try:
