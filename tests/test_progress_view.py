@@ -137,6 +137,25 @@ def test_log_lines_go_above_the_live_view_and_back_to_stderr_after(setup_logging
     assert "after the view stopped" not in text_of(console)
 
 
+def test_a_round_without_a_group_is_one_warning_line_other_errors_keep_their_traceback(setup_logging, capsys):
+    """hivemind logs "could not find a group" with a traceback before handing the same exception to
+    the caller, which deals with it: the volunteer sees one warning line. Other errors stay whole."""
+    from hivemind.averaging.partition import AllreduceException
+
+    setup_logging()
+    capsys.readouterr()
+    averager_log = logging.getLogger("hivemind.averaging.averager")
+    for error in (AllreduceException("Averaging step failed: could not find a group"), ValueError("a real bug")):
+        try:
+            raise error
+        except Exception as e:
+            averager_log.exception(e)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "could not find a group" in line]
+    assert len(lines) == 1 and "WARN" in lines[0], err
+    assert err.count("Traceback") == 1 and "ValueError: a real bug" in err, err
+
+
 def test_swarm_rate_counts_only_other_peers_online():
     def metrics(peer: str, rate: float, age: float) -> PeerMetrics:
         return PeerMetrics(peer_id=peer, step=1, samples_per_second=rate, samples=0, time=1000.0 - age)
