@@ -2,7 +2,8 @@
 
 A test sets ``DEDLOC_FAULTS`` to a comma-separated list of point names in a daemon's environment; when
 the daemon reaches a listed point it logs ``fault injected: NAME`` and hangs there until it is killed
-(:func:`fault_point`), or misbehaves there as the name says (:func:`fault_active`).
+(:func:`fault_point`), stops itself until the test sends SIGCONT (:func:`fault_pause`), or misbehaves
+there as the name says (:func:`fault_active`).
 Without the variable (every normal run) a point costs one dictionary lookup and does nothing.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
 logger = logging.getLogger(__name__)
@@ -31,3 +33,14 @@ def fault_point(name: str) -> None:
     if name in os.environ.get(ENV, "").split(","):
         logger.warning(f"fault injected: {name}; hanging here until killed")
         threading.Event().wait()
+
+
+def fault_pause(name: str) -> None:
+    """Stop this process (SIGSTOP, logging it first) if ``name`` is among the faults it was started
+    with: it goes on where it stopped once the test sends SIGCONT. Used before threads or children
+    exist, so that nothing else of the process runs meanwhile."""
+    if name in os.environ.get(ENV, "").split(","):
+        logger.warning(f"fault injected: {name}; stopped until SIGCONT")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)

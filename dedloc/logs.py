@@ -34,10 +34,10 @@ class _Formatter(logging.Formatter):
 class _KnownHivemindNoise(logging.Filter):
     """Hides (unless at debug level) tracebacks hivemind 1.1.12 logs for races it survives:
 
-    - an averaging round that found no group: ``DecentralizedAverager._step`` logs the
-      AllreduceException with its traceback and then hands the same exception to the caller, which
-      deals with it (the optimizer steps alone, the final round downloads the others' state). It is
-      shown as one warning line;
+    - an averaging round that found no group: ``DecentralizedAverager._step`` (and the optimizer,
+      for a round it tags along with) logs the AllreduceException with its traceback and then deals
+      with it or hands it to its caller, which does (the optimizer steps alone, the final round
+      downloads the others' state). It is shown as one warning line;
     - the DHT process unpickling a command whose sender — a forked averager process that is shutting
       down — is already gone (``multiprocessing.resource_sharer`` fails with ConnectionResetError /
       FileNotFoundError / EOFError); the command was a goodbye that no longer matters;
@@ -58,7 +58,7 @@ class _KnownHivemindNoise(logging.Filter):
         while trace is not None:
             frames.append(trace.tb_frame.f_code.co_filename)
             trace = trace.tb_next
-        if record.name == "hivemind.averaging.averager" and "could not find a group" in str(error):
+        if record.name.startswith("hivemind.") and "could not find a group" in str(error):
             record.msg, record.args = str(error), ()
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)

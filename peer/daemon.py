@@ -20,6 +20,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from dedloc.checkpoint import write_checkpoint
 from dedloc.config import RunConfig
 from dedloc.errors import UserInputError
+from dedloc.faults import fault_pause
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import setup_logging
 from dedloc.swarm.addresses import parse_join_addresses
@@ -118,6 +119,7 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     )
     if options.snapshot_dir is not None:
         check_writable_dir(options.snapshot_dir, "--snapshot-dir")
+    fault_pause("pause-before-join")  # a late joiner, started and stopped ahead, joins at once when resumed
     started = time.monotonic()
     dht = None
     try:

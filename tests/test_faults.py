@@ -254,8 +254,14 @@ def test_a_late_joiner_catches_up_and_a_peer_vanishes_in_the_final_round(lab):
     reports it as a success) and averages once more, or, when its round failed outright, downloads
     the state the others ended with; the survivors finish with identical parameters."""
     swarm = lab(peers=2, total_steps=12, peer_env={"peer-2": {"DEDLOC_FAULTS": "final-state-round"}})
+    # the joiner's interpreter starts now and stops itself before it joins (fault point
+    # ``pause-before-join``): its start-up time (~13 s here, a third of the run) does not decide where
+    # it joins. Resumed at step 3, it joins with 9 steps to go
+    joiner = swarm.start_peer("peer-3", up_mbit=20, down_mbit=50, env={"DEDLOC_FAULTS": "pause-before-join"})
+    wait_for(lambda: "fault injected: pause-before-join" in joiner.log_text(), 120, "peer-3 to stop before joining",
+             watch=_nodes(swarm))
     wait_for(lambda: _last_step(swarm) >= 3, 300, "3 global steps", watch=_nodes(swarm))
-    joiner = swarm.start_peer("peer-3", up_mbit=20, down_mbit=50)
+    joiner.resume()
     steady, vanishing = swarm.peers["peer-1"], swarm.peers["peer-2"]
     wait_for(lambda: "fault injected: final-state-round" in vanishing.log_text(), 300,
              "peer-2 to freeze inside the final round", watch=_nodes(swarm))

@@ -12,7 +12,7 @@ from dedloc.task.build import build_peer_task, prepare_tokenizer
 from dedloc.task.corpus import embedded_corpus_path
 from dedloc.task.model import build_model, parameter_sketch, sketch_distance
 from dedloc.task.optimization import lr_factor
-from dedloc.task.tokenizer import SPECIAL_TOKENS, read_tokenizer_json, to_hf_tokenizer, tokenizer_sha256, train_tokenizer
+from dedloc.task.tokenizer import SPECIAL_TOKENS, to_hf_tokenizer, tokenizer_sha256
 
 
 @pytest.fixture(scope="module")

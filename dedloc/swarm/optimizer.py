@@ -138,8 +138,11 @@ class ReportingGradientAverager(ReducerShares, GradientAverager):
         self.announce(reduces=not self.newcomer and self.local_samples_accumulated > 0)
         return super().schedule_step(*args, **kwargs)
 
+    round_samples = 0  # samples this peer brought to its latest gradient round
+
     def step(self, *args, weight: Optional[float] = None, **kwargs):
         self.rounds_begun = getattr(self, "rounds_begun", 0) + 1
+        self.round_samples = self.local_samples_accumulated
         logger.info(f"averaging gradients (round {self.rounds_begun}, {self.local_samples_accumulated} local samples)")
         if weight is None and self.local_samples_accumulated == 0:
             # a peer with nothing accumulated takes part with a negligible weight, never zero: a group
@@ -318,6 +321,22 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.grad_averager.rejoined()
         if downloaded < self.local_epoch:
             self._take_swarm_step(self.local_epoch, downloaded)
+        elif self.tracker.global_progress.num_peers > 1 and self.tracker.ready_to_update_epoch:
+            self._sit_out_round(downloaded)
+
+    def _sit_out_round(self, step: int) -> None:
+        """The state of ``step`` arrived while the others average for the step after it: their round
+        forms its group without this peer. hivemind matches gradient rounds by time, not by step, so a
+        peer that joined the swarm's next round while still at ``step`` would apply the others' next
+        gradients to a state one update short, and stay one phase behind for good. Instead it sits the
+        round out, accumulating nothing, takes the swarm's step when the round is over (see
+        :meth:`_should_load_state_from_peers`) and is made level by the next state average."""
+        logger.info(
+            f"the state of step {step} arrived while the swarm averages for step {step + 1}: sitting out that "
+            "round; this peer contributes again once a state average has brought it level"
+        )
+        self._sitting_out = step
+        self.state_averager.receive_next_average()
 
     def _take_swarm_step(self, swarm_step: int, held_step: int) -> None:
         """Move to ``swarm_step`` with the state of ``held_step``. Until a state-averaging round brings
@@ -373,12 +392,20 @@ class SwarmOptimizer(hivemind.Optimizer):
         return accumulated
 
     def _load_local_gradients_into_optimizer(self):
+        averager = self.grad_averager
+        # a round that was begun and failed: its gradients are this peer's own, already in the averager's
+        # buffers, and the accumulators were reset when the round began
+        failed_round = averager._new_averaged_grads and averager.local_times_accumulated == 0
+        samples = averager.round_samples if failed_round else averager.local_samples_accumulated
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
             self.solo_steps += 1
-            logger.info(
-                f"stepping with this peer's own gradients only ({self.grad_averager.local_samples_accumulated} samples): "
-                "averaging with the others failed"
-            )
+            logger.info(f"stepping with this peer's own gradients only ({samples} samples): averaging with the others failed")
+        if failed_round:
+            # hivemind 1.1.12 would load the reset accumulators here (no issue filed upstream): a step
+            # on zero gradients, i.e. on Adam's momentum alone. The buffers hold the round's gradients
+            # (where a round failed half-way, partly averaged already)
+            self._load_averaged_gradients_into_optimizer_()
+            return
         return super()._load_local_gradients_into_optimizer()
 
 

@@ -1,0 +1,75 @@
+"""A peer whose gradient round fails steps with the gradients it brought to the round, not with zeros."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import hivemind
+import pytest
+import torch
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils.crypto import RSAPrivateKey
+
+from dedloc.swarm.optimizer import ReportingGradientAverager, SwarmOptimizer
+from helpers import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+BATCH = 10**6  # so large that the swarm's batch is full only when the silent peer says so
+
+
+def test_a_failed_round_steps_on_this_peers_own_gradients():
+    """Another peer is in the run (its progress record counts toward the batch) but never averages, so
+    this peer's gradient round finds no group. hivemind resets the accumulators when the round begins
+    and would then step on them — zeros, which leave a fresh Adam where it was. The step must be
+    plain Adam's on this peer's gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    reference = copy.deepcopy(model)
+    batch, target = torch.randn(4, 8), torch.randn(4, 1)
+
+    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+    dht = hivemind.DHT(**local)
+    other_dht = hivemind.DHT(**local, initial_peers=[str(a) for a in dht.get_visible_maddrs()])
+    silent = opt = None
+    try:
+        # its own key: a record is stored under its signer's public key, and this process's default
+        # key is the optimizer's too
+        silent = ProgressTracker(other_dht, prefix="solo", target_batch_size=BATCH, private_key=RSAPrivateKey(), start=True)
+        opt = SwarmOptimizer(
+            dht=dht, run_id="solo", target_batch_size=BATCH, batch_size_per_step=4, params=model.parameters(),
+            optimizer=partial(torch.optim.Adam, lr=0.1), matchmaking_time=1.0, averaging_timeout=4.0,
+            grad_averager_factory=ReportingGradientAverager,
+            tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=0.5, default_refresh_period=0.2),
+        )
+
+        def accumulate() -> None:  # the same batch every time: the mean of equal gradients is that gradient
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(batch), target).backward()
+            opt.step()
+
+        silent.report_local_progress(local_epoch=0, samples_accumulated=4)
+        accumulate()
+        wait_for(lambda: opt.tracker.global_progress.num_peers == 2, 60, "both peers' progress records")
+        silent.report_local_progress(local_epoch=0, samples_accumulated=BATCH)  # the swarm's batch is full
+        wait_for(lambda: opt.tracker.global_progress.samples_accumulated >= BATCH, 60, "the full batch to show")
+        accumulate()  # the round begins, and finds no group
+        assert opt.local_epoch == 1 and opt.solo_steps == 1, (opt.local_epoch, opt.solo_steps)
+
+        expected = torch.optim.Adam(reference.parameters(), lr=0.1)
+        for parameter in reference.parameters():  # hivemind creates Adam's state with a step on zeros
+            parameter.grad = torch.zeros_like(parameter)
+        expected.step()
+        expected.zero_grad()
+        torch.nn.functional.mse_loss(reference(batch), target).backward()
+        expected.step()
+        for stepped, wanted in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(stepped, wanted, atol=1e-6), (stepped, wanted)
+    finally:
+        if opt is not None:
+            opt.shutdown()
+        if silent is not None:
+            silent.shutdown()
+        other_dht.shutdown()
+        dht.shutdown()
