@@ -388,6 +388,7 @@ class PeerTrainer:
             batch = self.compute.to_device(next(batches))
             with self.compute.autocast():
                 loss = model(**batch).loss
+            opt.last_step = self.stop_at()
             self.compute.backward_and_step(loss, opt)
             stats.losses.append(float(loss.detach()))
             opt.zero_grad(set_to_none=False)

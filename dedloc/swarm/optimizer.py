@@ -271,6 +271,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     samples_accumulated_total = 0
     _downloaded_epoch: Optional[int] = None  # step of the state last downloaded, until this peer contributes
     _sitting_out: Optional[int] = None  # a step taken from the swarm whose averaging rounds this peer sits out
+    last_step: Optional[int] = None  # the run's last step, set by the trainer: no round begins there or past it
     state_averager: CheckedStateAverager
 
     def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
@@ -367,6 +368,10 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _update_global_epoch(self, grad_scaler) -> None:
         if self._sitting_out == self.local_epoch and self.tracker.global_progress.num_peers > 1:
             return  # the others' round for this step: not this peer's (see _take_swarm_step)
+        if self.last_step is not None and self.local_epoch >= self.last_step:
+            # at the run's end (reached, say, by taking the swarm's step in this very call): no round
+            # is due, and one begun now would find nobody and step past the end alone
+            return
         self._sitting_out = None
         super()._update_global_epoch(grad_scaler)
 
