@@ -196,8 +196,8 @@ def test_a_cut_off_peer_resynchronises(lab):
     on; back, it sees it is behind, downloads the swarm's state, drops what it had accumulated before
     the outage, and holds the others' parameters from its first step on."""
     # the embedded default model: with the small one a step is mostly matchmaking, and a download that
-    # ends while the others are in a round leaves the peer one phase behind more often (an open defect,
-    # docs/reliability.md). The others take ~12 steps during the outage; catching up takes the cut-off
+    # ends while the others are in a round (which the peer now sits out, docs/reliability.md) is the
+    # rule rather than the exception. The others take ~12 steps during the outage; catching up takes the cut-off
     # peer 3 more (download, a round sat out, a round received), so it trains for a few steps before the end
     total_steps = 20
     swarm = lab(peers=3, total_steps=total_steps, small_model=False)
@@ -233,14 +233,22 @@ def test_a_cut_off_peer_resynchronises(lab):
     back = log.index("back in touch with the swarm")
     assert "averaging gradients (round" not in log[back:behind.end() + downloaded.end()]
 
-    # from then on it stepped only on gradients averaged with the others (none from before the outage,
-    # none stepped alone), and it holds their parameters: the swarm's compression and rounds left
-    # half-done by some peer leave differences of a few 1e-4
-    assert "stepping with this peer's own gradients only" not in log[behind.end():]
+    # from then on it stepped in phase with the others, on fresh gradients: once it contributes, every
+    # step of its holds their parameters at that step (the swarm's compression and rounds left half-done
+    # leave differences of a few 1e-4; a peer one phase behind is ~1e-2 off). A round can still fail
+    # under load (matchmaking on 2 cores: once, its last round found no group while the other two
+    # averaged); it then steps alone on its fresh gradients, once, and the final round makes it level
+    assert log[behind.end():].count("stepping with this peer's own gradients only") <= 1
     after = [line for line in _step_lines(cut_off) if line["at"] > behind.end()]
     assert after and after[-1]["contributed"] > after[0]["contributed"], "peer-3 did not train after getting back"
-    theirs = {line["step"]: line["params"] for other in others for line in _step_lines(other)}
-    assert any(math.isclose(line["params"], theirs.get(line["step"], math.inf), rel_tol=1e-3) for line in after), (after, theirs)
+    theirs: dict[int, list[float]] = {}
+    for other in others:
+        for line in _step_lines(other):
+            theirs.setdefault(line["step"], []).append(line["params"])
+    contributing = [line for line in after if line["contributed"] > after[0]["contributed"]][:-1]  # the last: after the final round
+    assert contributing, after
+    for line in contributing:
+        assert any(math.isclose(line["params"], params, rel_tol=1e-3) for params in theirs[line["step"]]), (line, theirs[line["step"]])
     final = [_step_lines(node)[-1] for node in [*others, cut_off]]
     assert {line["step"] for line in final} == {total_steps}
     assert max(line["params"] for line in final) - min(line["params"] for line in final) <= 1e-3 * abs(final[0]["params"])
