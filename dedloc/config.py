@@ -171,6 +171,15 @@ class AveragingSection(_Section):
     """Compression of parameters in state averaging (``none`` keeps peers bit-identical)."""
     target_group_size: Optional[int] = Field(None, gt=1)
     """Largest group in one all-reduce; unset for the whole swarm."""
+    aggregation: Literal["mean", "centered_clip"] = "mean"
+    """How a peer combines the gradient parts its groupmates send it: their mean weighted by samples,
+    or CenteredClip, which bounds how far any one sender can move the result (robust to a minority of
+    peers sending poisoned gradients, at the cost of some bias when honest gradients disagree). Parts
+    that are not finite or have the wrong shape are refused either way, and no peer's claimed weight
+    counts for more than the target batch."""
+    centered_clip_tau: Optional[float] = Field(None, gt=0)
+    """CenteredClip's radius (L2 norm per part); unset: the median distance of the parts from their
+    coordinate-wise median, so that it follows the gradients' scale."""
 
 
 class CheckpointSection(_Section):

@@ -35,6 +35,7 @@ from hivemind.proto import averaging_pb2
 from dedloc.config import Compression, RunConfig
 from dedloc.faults import fault_point
 from dedloc.swarm.records import ONLINE_WINDOW
+from dedloc.swarm.reduction import CheckedReduction
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def _with_reducers(group_info: GroupInfo, serializer) -> GroupInfo:
     return dataclasses.replace(group_info, gathered=gathered)
 
 
-class ReportingGradientAverager(ReducerShares, GradientAverager):
+class ReportingGradientAverager(CheckedReduction, ReducerShares, GradientAverager):
     """hivemind's gradient averager, logging (at info) when this peer begins a gradient-averaging round:
     an operator sees where a stall happens, and fault tests use the line as their cue.
 
@@ -157,7 +158,7 @@ class ReportingGradientAverager(ReducerShares, GradientAverager):
         return gathered
 
 
-class CheckedStateAverager(ReducerShares, TrainingStateAverager):
+class CheckedStateAverager(CheckedReduction, ReducerShares, TrainingStateAverager):
     """hivemind's state averager, noticing rounds that were left half-done.
 
     When a peer vanishes in the middle of an all-reduce, hivemind (1.1.12,
@@ -286,6 +287,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             custom_gradients=self.offload_optimizer,
             status_loglevel=self.status_loglevel,
             next_chunk_timeout=self.next_chunk_timeout,
+            max_weight=1.0,  # every peer's state weighs 1 (or as good as nothing while it receives)
             client_mode=self.client_mode,
             auxiliary=self.auxiliary,
             start=True,
@@ -348,7 +350,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         The first step taken after a download is sat out: the others are already averaging for it (or
         about to), and a peer that starts matchmaking then misses their group and ends up averaging
         with their *next* round, one phase behind for good. It takes the step after it with them."""
-        first = self._sitting_out is None  # not taken while sitting out the step before
+        # not taken right after sitting out the step before: the round sat out is over, the next is
+        # this peer's too. A swarm that moved further meanwhile (the tracker's view was stale during a
+        # download) is in a round this peer cannot join in time: that one is sat out as well
+        first = self._sitting_out is None or swarm_step > self._sitting_out + 1
         if first:
             logger.info(
                 f"the swarm stepped during the download (state of step {held_step}, swarm at step {swarm_step}): "
@@ -463,7 +468,13 @@ def build_optimizer(
             # a frozen peer stops refreshing its progress record: it leaves hivemind's count (and its
             # samples the target batch) once the record expires, as it leaves dedloc's metrics count
             tracker_opts={"metadata_expiration": ONLINE_WINDOW},
-            grad_averager_factory=partial(ReportingGradientAverager, **averager_opts),
+            grad_averager_factory=partial(
+                ReportingGradientAverager,
+                aggregation=averaging.aggregation,
+                clip_tau=averaging.centered_clip_tau,
+                max_weight=float(config.training.target_batch_size),  # a round's weight is its samples
+                **averager_opts,
+            ),
             verbose=verbose,
         )
 

@@ -1,0 +1,187 @@
+"""What a reducing peer accepts from its groupmates in an all-reduce, and how it combines their parts.
+
+In hivemind's all-reduce every member reduces a slice ("part") of the vector for the whole group: it
+receives that part from every sender, combines them and sends the result back. hivemind's reducer
+(``TensorPartReducer``, 1.1.12) adds up whatever arrives, weighted by whatever weight its sender
+claims. :class:`CheckedPartReducer` instead
+
+- bans from the round a sender whose part is not finite, has the wrong shape, or comes with a weight
+  that is not a finite number ≥ 0 (hivemind then finishes the part without that sender, as when one
+  fails);
+- counts a claimed weight above ``max_weight`` as ``max_weight``;
+- combines the parts by their weighted mean (``"mean"``, hivemind's arithmetic) or by
+  :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result.
+
+Averagers take it in with :class:`CheckedReduction`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal, Optional, Sequence
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import AllreduceException, TensorPartReducer
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+logger = logging.getLogger(__name__)
+
+Aggregation = Literal["mean", "centered_clip"]
+CLIP_ITERATIONS = 20
+
+
+def centered_clip(parts: torch.Tensor, weights: torch.Tensor, tau: Optional[float] = None,
+                  iterations: int = CLIP_ITERATIONS) -> torch.Tensor:
+    """CenteredClip (Karimireddy et al., 2021; the aggregation of BTARD, Gorbunov et al., 2022) of
+    ``parts`` (one row per sender) with ``weights``: start at the coordinate-wise median, then move
+    the center by the weighted mean of each part's difference from it, every difference clipped to L2
+    norm ``tau``. Parts within ``tau`` of the result count fully, as in the mean; one further away
+    pulls by ``tau`` at most, whatever its size.
+
+    ``tau=None``: the median distance of the parts from the coordinate-wise median — a scale that
+    senders in the minority cannot move. (Two parts have no majority: :class:`CheckedPartReducer`
+    takes their weighted mean.)
+    """
+    parts = parts.float()
+    weights = weights.float() / weights.sum()
+    center = parts.quantile(0.5, dim=0) if parts.shape[0] > 1 else parts[0].clone()
+    if tau is None:
+        tau = float((parts - center).norm(dim=1).quantile(0.5))
+    if tau <= 0:
+        return center
+    for _ in range(iterations):
+        differences = parts - center
+        scale = (tau / differences.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        move = (differences * (weights * scale)[:, None]).sum(dim=0)
+        center += move
+        if float(move.norm()) <= 1e-7 * (float(center.norm()) + 1e-12):
+            break
+    return center
+
+
+class _PartCollector:
+    """Stands in for hivemind's running sum of a part: keeps each sender's part and weight, and
+    combines them when hivemind divides the sum by the total weight."""
+
+    def __init__(self, shape: torch.Size, aggregation: Aggregation, tau: Optional[float]):
+        self.shape, self.aggregation, self.tau = shape, aggregation, tau
+        self.parts: list[torch.Tensor] = []
+        self.weights: list[float] = []
+
+    def add_(self, part: torch.Tensor, alpha: float = 1.0) -> "_PartCollector":
+        self.parts.append(part.detach().float().clone())
+        self.weights.append(float(alpha))
+        return self
+
+    def div_(self, denominator: float) -> torch.Tensor:
+        if not self.parts:  # every sender failed: nobody is left to receive the result
+            return torch.zeros(self.shape)
+        parts, weights = torch.stack(self.parts), torch.tensor(self.weights)
+        if self.aggregation == "centered_clip" and len(self.parts) > 2:
+            return centered_clip(parts, weights, self.tau)
+        return (parts * (weights / denominator)[:, None]).sum(dim=0)
+
+
+class CheckedPartReducer(TensorPartReducer):
+    """hivemind's reducer with checked inputs, a bounded weight and a chosen aggregation (module doc).
+
+    It keeps hivemind's bookkeeping of which sender delivered which part, and replaces only its
+    running sum (:class:`_PartCollector`). A rejected part raises :class:`RejectedPart` before hivemind
+    counts it: the runner then bans the sender, and the part is finished without it.
+    """
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, sender_names: Sequence[str],
+                 aggregation: Aggregation = "mean", max_weight: Optional[float] = None, tau: Optional[float] = None):
+        self.aggregation, self.max_weight, self.tau = aggregation, max_weight, tau
+        self.sender_names = list(sender_names)
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self):
+        super().reset_accumulators()
+        if not self.finished.is_set():
+            self.accumulator = _PartCollector(self.part_shapes[self.current_part_index], self.aggregation, self.tau)
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        if 0 <= part_index < self.num_parts and 0 <= sender_index < self.num_senders:
+            problem = self._problem(part_index, tensor_part, weight)
+            if problem is not None:
+                logger.warning(f"rejected a part from {self.sender_names[sender_index]}: {problem}; it is left out of this round")
+                raise RejectedPart(f"sender {self.sender_names[sender_index]}: {problem}")
+        if self.max_weight is not None and weight > self.max_weight:
+            weight = self.max_weight
+        return await super().accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+
+    def _problem(self, part_index: int, tensor_part: torch.Tensor, weight: float) -> Optional[str]:
+        expected = self.part_shapes[part_index]
+        if tuple(tensor_part.shape) != tuple(expected):
+            return f"part {part_index} has shape {tuple(tensor_part.shape)}, expected {tuple(expected)}"
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            return f"weight {weight!r} is not a finite number ≥ 0"
+        if not bool(torch.isfinite(tensor_part).all()):
+            return f"part {part_index} holds NaN or infinite values"
+        return None
+
+
+class RejectedPart(AllreduceException):
+    """A sender's part failed :class:`CheckedPartReducer`'s checks."""
+
+
+class CheckedAllReduceRunner(AllReduceRunner):
+    """hivemind's all-reduce runner with a :class:`CheckedPartReducer` in place of its own."""
+
+    def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
+                 clip_tau: Optional[float] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tensor_part_reducer = CheckedPartReducer(
+            self.tensor_part_reducer.part_shapes,
+            self.tensor_part_reducer.num_senders,
+            sender_names=[str(peer_id) for peer_id in self.sender_peer_ids],
+            aggregation=aggregation,
+            max_weight=max_weight,
+            tau=clip_tau,
+        )
+
+
+class CheckedReduction:
+    """Averager mixin: every all-reduce round of this averager runs with a :class:`CheckedAllReduceRunner`
+    (``aggregation``, ``max_weight`` and ``clip_tau`` as there; given to the constructor, since the
+    averager's rounds run in the process it forks when it starts)."""
+
+    def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
+                 clip_tau: Optional[float] = None, **kwargs):
+        self.aggregation, self.max_weight, self.clip_tau = aggregation, max_weight, clip_tau
+        super().__init__(*args, **kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
+                                      group_id: Optional[bytes] = None, **kwargs):
+        # hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_, building dedloc's runner: the
+        # runner's reducer has no other hook
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = CheckedAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            aggregation=self.aggregation,
+            max_weight=self.max_weight,
+            clip_tau=self.clip_tau,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("auxiliary peers receive no averaged tensors")
+

@@ -1,0 +1,89 @@
+"""What a reducing peer accepts and how it combines parts: CenteredClip's arithmetic, and real
+averagers on a local DHT whose rounds reject non-finite parts, bound claimed weights and clip outliers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import hivemind
+import pytest
+import torch
+
+from dedloc.swarm.optimizer import ReducerShares
+from dedloc.swarm.reduction import CheckedReduction, centered_clip
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_centered_clip_is_the_mean_of_agreeing_parts_and_ignores_a_far_outlier():
+    torch.manual_seed(0)
+    gradient = torch.randn(1000)
+    honest = torch.stack([gradient + 0.1 * torch.randn(1000) for _ in range(3)])
+    weights = torch.ones(4)
+    for attack in (-1000 * gradient, 1000 * gradient.norm() * torch.nn.functional.normalize(torch.randn(1000), dim=0)):
+        parts = torch.cat([honest, attack[None]])
+        clipped, mean = centered_clip(parts, weights), parts.mean(dim=0)
+        honest_mean = honest.mean(dim=0)
+        assert (clipped - honest_mean).norm() < 0.5 * gradient.norm()  # the attacker moves it by ≤ τ/4
+        assert (mean - honest_mean).norm() > 100 * gradient.norm()  # the plain mean is wrecked
+    # parts that agree (all within τ of the center) give their weighted mean
+    agreeing = torch.stack([gradient, gradient + 0.01, gradient - 0.01])
+    w = torch.tensor([1.0, 2.0, 1.0])
+    expected = (agreeing * (w / w.sum())[:, None]).sum(dim=0)
+    assert torch.allclose(centered_clip(agreeing, w, tau=10.0), expected, atol=1e-5)
+
+
+class _Averager(CheckedReduction, ReducerShares, hivemind.averaging.DecentralizedAverager):
+    pass
+
+
+def _average(values: list[float], weights: list[float], reduces: list[bool], **reduction) -> list[torch.Tensor]:
+    """One round of real averagers on a local DHT, each holding a vector filled with its value."""
+    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+    first = hivemind.DHT(**local)
+    dhts = [first] + [hivemind.DHT(**local, initial_peers=[str(a) for a in first.get_visible_maddrs()])
+                      for _ in values[1:]]
+    averagers = []
+    try:
+        for dht, value, reducing in zip(dhts, values, reduces):
+            averager = _Averager([torch.full((4096,), value)], dht=dht, prefix="checked", target_group_size=len(values),
+                                 min_matchmaking_time=2.0, request_timeout=1.0, start=False, **reduction)
+            averager.announce(reduces=reducing)
+            averager.run_in_background(await_ready=True)
+            averagers.append(averager)
+        with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
+            results = list(pool.map(lambda pair: pair[0].step(weight=pair[1], timeout=40), zip(averagers, weights)))
+        assert all(result is not None for result in results), "the averaging round failed"
+        tensors = []
+        for averager in averagers:
+            with averager.get_tensors() as (tensor,):
+                tensors.append(tensor.clone())
+        return tensors
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+def test_a_non_finite_part_is_left_out_and_the_others_average():
+    """A peer sending NaN is banned from the round by the reducers: the others get the mean of the
+    finite parts (it reduces no share itself, as a peer with nothing to contribute would)."""
+    tensors = _average([1.0, 3.0, float("nan")], weights=[1.0, 1.0, 1.0], reduces=[True, True, False])
+    for tensor in tensors[:2]:
+        assert torch.allclose(tensor, torch.full((4096,), 2.0)), tensor[:4]
+
+
+def test_a_claimed_weight_is_bounded():
+    bounded = _average([1.0, 3.0], weights=[1.0, 1000.0], reduces=[True, True], max_weight=1.0)
+    assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in bounded)
+    trusted = _average([1.0, 3.0], weights=[1.0, 1000.0], reduces=[True, True])
+    assert all(float(t.mean()) > 2.99 for t in trusted)  # without the bound the claim wins
+
+
+def test_centered_clip_rounds_survive_an_outlier_that_wrecks_the_mean():
+    values, reduces = [1.0, 1.1, 0.9, 1000.0], [True, True, True, False]
+    clipped = _average(values, weights=[1.0] * 4, reduces=reduces, aggregation="centered_clip")
+    assert all(abs(float(t.mean()) - 1.0) < 0.1 for t in clipped), [float(t.mean()) for t in clipped]
+    mean = _average(values, weights=[1.0] * 4, reduces=reduces)
+    assert all(float(t.mean()) > 200 for t in mean)
