@@ -321,6 +321,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if downloaded is None:
             return
         self._downloaded_epoch = downloaded
+        self._sitting_out = None  # whatever was sat out before, this state is new
         self.grad_averager.rejoined()
         if downloaded < self.local_epoch:
             self._take_swarm_step(self.local_epoch, downloaded)
@@ -389,12 +390,15 @@ class SwarmOptimizer(hivemind.Optimizer):
             super()._maybe_schedule_state_averaging()
 
     def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
-        if self.state_averager.receiving:
+        if self.state_averager.receiving or self._sitting_out is not None:
             if self.tracker.global_progress.num_peers > 1:
-                # computed on a state older than the swarm's: dropped, only the step is reported
+                # computed on a state older than the swarm's, or for a round this peer sits out (the
+                # swarm steps without them; a state average arriving meanwhile does not change that):
+                # dropped, only the step is reported
                 self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
                 return True
             self.state_averager.stop_receiving()  # alone: this peer's state is the swarm's
+            self._sitting_out = None
         accumulated = super()._check_and_accumulate_gradients(batch_size, grad_scaler)
         if accumulated:
             self._downloaded_epoch = None  # contributing: the download is behind it
