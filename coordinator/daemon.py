@@ -32,6 +32,8 @@ from dedloc.config import RunConfig, default_run_config, load_run_config
 from dedloc.errors import SwarmUnreachableError, UserInputError
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import setup_logging
+from dedloc.allowlist import load_allowlist
+from dedloc.swarm.access import DEFAULT_TOKEN_LIFETIME, Admission, SwarmAuthorizer, publish_revoked, set_revoked
 from dedloc.swarm.addresses import listen_maddr
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, connected_peer_maddrs, start_dht, tcp_port, visible_maddrs
@@ -45,6 +47,7 @@ from dedloc.swarm.records import (
 )
 from dedloc.task.build import prepare_tokenizer
 
+from .admission import AccessDesk, serve_access
 from .checkpointer import Checkpointer
 from .dashboard import Dashboard
 from .history_store import HistoryStore
@@ -78,6 +81,9 @@ class CoordinatorOptions:
     """End the run after this global step (default: the config's total_steps)."""
     join_file: Optional[Path] = None
     """Also write the join information here (e.g. a volume shared with peers in docker compose)."""
+    allowlist: Optional[Path] = None
+    """Admit only the volunteers listed here (re-read when it changes); None: the run is open."""
+    token_lifetime: float = DEFAULT_TOKEN_LIFETIME
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 0
@@ -113,6 +119,10 @@ class Coordinator:
                 f"none of the checkpoints in {state.checkpoints} verifies (see the warnings above); "
                 "move them away to start the run from scratch"
             )
+        self.desk = AccessDesk(options.allowlist, config.run_id, options.token_lifetime)
+        if options.allowlist is not None:
+            load_allowlist(options.allowlist)  # unreadable or malformed: refuse to start (exit 2)
+        self.revoked: Optional[list[str]] = None
         self.dht: Optional[hivemind.DHT] = None
         self.checkpointer: Optional[Checkpointer] = None
         self.store = HistoryStore.open(state.path / "history.db", jsonl=state.history)
@@ -140,14 +150,18 @@ class Coordinator:
             metrics_validator(prefix),
             SchemaValidator(TrainingProgressSchema, prefix=prefix),
         ]
+        authorizer = None
+        if self.options.allowlist is not None:
+            authorizer = SwarmAuthorizer(self.identity.public_key, mint_lifetime=self.options.token_lifetime)
         known = self.state.known_peers()
         if known:
             try:
-                return start_dht(self.identity, network, known, validators, startup_timeout=10.0, stop=self.stop.requested)
+                return start_dht(self.identity, network, known, validators, startup_timeout=10.0, stop=self.stop.requested,
+                                 authorizer=authorizer)
             except SwarmUnreachableError:
                 logger.info("none of the peers seen before is reachable; starting a fresh swarm")
         try:
-            return start_dht(self.identity, network, validators=validators, stop=self.stop.requested)
+            return start_dht(self.identity, network, validators=validators, stop=self.stop.requested, authorizer=authorizer)
         except Exception as e:
             if port and not self.options.port:
                 raise UserInputError(
@@ -160,6 +174,31 @@ class Coordinator:
         # the status first: it is small and may carry news (a new end); the manifest is unchanged
         publish_status(self.dht, self.identity.public_key, self.identity.peer_id, self.status)
         publish_manifest(self.dht, self.identity.public_key, self.identity.peer_id, self.manifest)
+        if self.revoked is not None:
+            publish_revoked(self.dht, self.identity.public_key, self.identity.peer_id, self.revoked)
+
+    def follow_allowlist(self) -> None:
+        """Apply a changed allowlist's revocations: this node's DHT stops accepting the revoked volunteers'
+        tokens, and every averager learns their names (the desk re-reads the file on its own)."""
+        allowlist = self.desk.allowlist()
+        if allowlist is None or allowlist.revoked_names == self.revoked:
+            return
+        self.revoked = allowlist.revoked_names
+        set_revoked(self.dht, self.revoked)
+        publish_revoked(self.dht, self.identity.public_key, self.identity.peer_id, self.revoked)
+        if self.revoked:
+            logger.info(f"revoked volunteers: {', '.join(self.revoked)}")
+
+    def open_access_desk(self) -> None:
+        serve_access(self.dht, self.desk)
+        if self.options.allowlist is None:
+            logger.warning(
+                "this run is OPEN: anyone who learns its join address can train, average and download the model. "
+                "To admit invited volunteers only, start the coordinator with --allowlist FILE (see `dedloc allowlist`)"
+            )
+        else:
+            Admission(self.identity.public_key, self.identity.peer_id).bind_to_process()
+            self.follow_allowlist()
 
     def start_dashboard(self) -> Optional[str]:
         """Serve the dashboard on the configured port, else the one remembered from the first start
@@ -202,7 +241,8 @@ class Coordinator:
             f"run '{self.config.run_id}' is up (config {self.manifest.config_sha256[:12]}, tokenizer "
             f"{self.manifest.tokenizer_sha256[:12]}, ends at step {self.stop_at}); volunteers join with:"
         )
-        print(f"dedloc peer --join {' '.join(join)}", flush=True)
+        invite = " --invite <the volunteer's invite>" if self.options.allowlist is not None else ""
+        print(f"dedloc peer --join {' '.join(join)}{invite}", flush=True)
         if dashboard_url:
             print(f"dashboard: {dashboard_url}", flush=True)
         return join
@@ -242,6 +282,7 @@ class Coordinator:
     def run(self) -> int:
         self.dht = self.start_node()
         try:
+            self.open_access_desk()
             self.checkpointer = Checkpointer(
                 self.dht, self.manifest, self.state.checkpoints, on_heldout=self.store.add_heldout,
                 cache_dir=self.state.path / "cache",
@@ -285,6 +326,7 @@ class Coordinator:
         while not self.stop.is_set():
             self.record_steps(tracker, history)
             self.check_end_request(tracker)
+            self.follow_allowlist()
             if tracker.global_step >= self.stop_at:
                 return
             if time.monotonic() - last_next_step > NEXT_STEP_PERIOD:

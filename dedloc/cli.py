@@ -104,7 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--join-file", type=Path, metavar="PATH",
         help="also write the join addresses (JSON) to PATH, for scripts and docker compose",
     )
+    coordinator.add_argument(
+        "--allowlist", type=Path, metavar="FILE",
+        help="admit only the volunteers in FILE (see `dedloc allowlist`); re-read when it changes. Without it the run is open",
+    )
+    coordinator.add_argument(
+        "--token-lifetime", type=_positive_float, default=1800.0, metavar="SECONDS",
+        help="lifetime of the access tokens issued to volunteers (renewed at half-life; default: 1800)",
+    )
     _add_dashboard_flags(coordinator)
+
+    allowlist = sub.add_parser(
+        "allowlist", parents=[common], help="add, revoke or list the volunteers admitted to a run",
+        description="Edit the allowlist file that `dedloc coordinator --allowlist FILE` reads (it notices changes at once).",
+    )
+    allowlist.add_argument("action", choices=("add", "revoke", "list"))
+    allowlist.add_argument("name", nargs="?", help="the volunteer's name (add, revoke)")
+    allowlist.add_argument("--file", type=Path, required=True, help="the allowlist file (created by the first add)")
+    allowlist.add_argument("--peer-id", help="(add) admit this identity instead of issuing an invite")
 
     peer = sub.add_parser(
         "peer", parents=[common], help="join a training run as a volunteer",
@@ -120,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the join addresses from a file written by `dedloc coordinator --join-file` (waits for it)",
     )
     peer.add_argument("--identity", type=Path, help="persistent identity file (created if missing)")
+    invite = peer.add_mutually_exclusive_group()
+    invite.add_argument("--invite", help="your invite to a run with an allowlist (from its organiser)")
+    invite.add_argument("--invite-file", type=Path, metavar="PATH", help="read the invite from a file")
     peer.add_argument("--workdir", type=Path, help="directory for this peer's caches")
     peer.add_argument(
         "--micro-batch", type=_positive_int, dest="micro_batch_size",
@@ -207,6 +227,8 @@ def _run(args: argparse.Namespace) -> int:
                 nat_traversal=args.nat_traversal,
                 max_steps=args.max_steps,
                 join_file=args.join_file,
+                allowlist=args.allowlist,
+                token_lifetime=args.token_lifetime,
                 dashboard=args.dashboard,
                 dashboard_host=args.dashboard_host,
                 dashboard_port=args.dashboard_port,
@@ -221,6 +243,8 @@ def _run(args: argparse.Namespace) -> int:
                 join=args.join or [],
                 join_file=args.join_file,
                 identity=args.identity,
+                invite=args.invite,
+                invite_file=args.invite_file,
                 workdir=args.workdir,
                 micro_batch_size=args.micro_batch_size,
                 data=args.data,
@@ -257,6 +281,8 @@ def _run(args: argparse.Namespace) -> int:
         from dedloc.status import StatusOptions, run_status
 
         return run_status(StatusOptions(join=args.join, as_json=args.as_json, timeout=args.timeout))
+    if args.command == "allowlist":
+        return _edit_allowlist(args)
     if args.command == "export":
         from dedloc.export import export_checkpoint
 
@@ -264,6 +290,32 @@ def _run(args: argparse.Namespace) -> int:
         print(f"exported step {info.step} of run '{info.trainer_state.get('run_id', '?')}' ({info.path}) to {args.out_dir}")
         return 0
     raise AssertionError(args.command)
+
+
+def _edit_allowlist(args: argparse.Namespace) -> int:
+    from dedloc.allowlist import add_volunteer, load_allowlist, revoke_volunteer
+    from dedloc.errors import UserInputError
+
+    if args.action != "list" and not args.name:
+        raise UserInputError(f"`dedloc allowlist {args.action}` needs the volunteer's name")
+    if args.peer_id and args.action != "add":
+        raise UserInputError("--peer-id goes with `add` only")
+    if args.action == "add":
+        invite = add_volunteer(args.file, args.name, peer_id=args.peer_id)
+        if invite is None:
+            print(f"added {args.name} (identity {args.peer_id}) to {args.file}")
+        else:
+            print(f"added {args.name} to {args.file}; send them this invite (it is not stored, only its hash):")
+            print(invite, flush=True)
+        return 0
+    if args.action == "revoke":
+        revoke_volunteer(args.file, args.name)
+        print(f"revoked {args.name}: their peers are refused from the next averaging round, and their tokens are not renewed")
+        return 0
+    for volunteer in load_allowlist(args.file).volunteer:
+        how = "invite" if volunteer.invite_sha256 else "identity " + ", ".join(volunteer.peer_ids)
+        print(f"{volunteer.name}\t{how}\t{'revoked' if volunteer.revoked else 'admitted'}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

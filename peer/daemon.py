@@ -19,10 +19,11 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from dedloc.checkpoint import write_checkpoint
 from dedloc.config import RunConfig
-from dedloc.errors import UserInputError
+from dedloc.errors import SwarmUnreachableError, UserInputError
 from dedloc.faults import fault_pause
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import setup_logging
+from dedloc.swarm.access import Admission, SwarmAuthorizer
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, start_dht
@@ -42,6 +43,7 @@ from dedloc.task.device import (
     search_micro_batch,
 )
 
+from .access import AccessKeeper, AccessRefused, request_access
 from .join import read_join_file, wait_for_manifest
 from .progress_view import ProgressView
 from .trainer import PeerTrainer
@@ -56,6 +58,9 @@ class PeerOptions:
     """Read the join addresses from this file (written by ``dedloc coordinator --join-file``)."""
     identity: Optional[Path] = None
     """Persistent identity file; without it the peer gets a fresh identity every start."""
+    invite: Optional[str] = None
+    """The volunteer's invite to a run with an allowlist."""
+    invite_file: Optional[Path] = None
     workdir: Optional[Path] = None
     """Where caches (tokenized data) go; the Hugging Face cache when unset."""
     micro_batch_size: Optional[int] = None
@@ -91,6 +96,22 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise UserInputError(f"{flag} {path} is not writable: {e.strerror or e}") from None
 
 
+def read_invite(options: PeerOptions) -> Optional[str]:
+    """The invite from ``--invite`` or ``--invite-file``; :class:`UserInputError` for an unreadable or empty one."""
+    invite = options.invite
+    if options.invite_file is not None:
+        try:
+            invite = options.invite_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserInputError(f"cannot read --invite-file {options.invite_file}: {getattr(e, 'strerror', None) or e}") from None
+    if invite is None:
+        return None
+    invite = invite.strip()
+    if not invite or len(invite) > 256 or not invite.isprintable():
+        raise UserInputError("the invite is empty or malformed: paste it as the organiser sent it (dedloc-invite-…)")
+    return invite
+
+
 def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     """Run a peer until the run ends or a stop is requested; returns the exit code (0 or 130)."""
     stop = stop or GracefulExit.install("peer")
@@ -119,14 +140,31 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     )
     if options.snapshot_dir is not None:
         check_writable_dir(options.snapshot_dir, "--snapshot-dir")
+    invite = read_invite(options)
     fault_pause("pause-before-join")  # a late joiner, started and stopped ahead, joins at once when resumed
     started = time.monotonic()
-    dht = None
+    dht = keeper = None
     try:
-        dht = start_dht(
-            identity, network, initial_peers=join.as_strings, validators=[RSASignatureValidator()],
-            stop=stop.requested,
-        )
+        grant = request_access(identity, join.as_strings, join.coordinator_id, invite) if invite else None
+        if grant is not None and grant.token is None:
+            logger.warning("this run is open (the coordinator keeps no allowlist): the invite is not needed")
+        try:
+            dht = start_dht(
+                identity, network, initial_peers=join.as_strings, validators=[RSASignatureValidator()],
+                stop=stop.requested, authorizer=SwarmAuthorizer(grant.authority, grant.token) if grant and grant.token else None,
+            )
+        except SwarmUnreachableError:
+            if invite is None:  # a run with an allowlist refuses DHT requests without a token: say so
+                grant = request_access(identity, join.as_strings, join.coordinator_id, None)
+                if grant.token is None:
+                    raise
+            raise
+        if grant is not None and grant.token is not None:
+            Admission(grant.authority, join.coordinator_id).bind_to_process()
+            keeper = AccessKeeper(dht, identity, join.coordinator_id, invite, grant.token,
+                                  on_refused=lambda reason: stop.request("access revoked"))
+            keeper.publish()
+            keeper.start()
         logger.info(f"joined the swarm as {identity.peer_id.to_base58()}; fetching the run from the coordinator")
         manifest = wait_for_manifest(dht, join.coordinator_id, options.join_timeout, stop)
         config = manifest.config
@@ -183,8 +221,12 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
                     ),
                 )
                 logger.info(f"wrote this peer's final state to {path}")
+        if keeper is not None and keeper.refused:
+            raise AccessRefused(keeper.refused)
         return 130 if stop.is_set() else 0
     finally:
+        if keeper is not None:
+            keeper.stop()
         if dht is not None:
             dht.shutdown()
         identity.discard()

@@ -23,6 +23,7 @@ import hivemind
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.auth import AuthorizerBase
 
 from dedloc.errors import SwarmUnreachableError, UserInputError
 from dedloc.swarm.addresses import parse_maddr
@@ -51,6 +52,7 @@ def start_dht(
     validators: Iterable[RecordValidatorBase] = (),
     startup_timeout: float = 20.0,
     stop: Optional[threading.Event] = None,
+    authorizer: Optional[AuthorizerBase] = None,
 ) -> hivemind.DHT:
     """Start a DHT node (in its own child process, with its own p2pd) and wait until it is ready.
 
@@ -60,6 +62,7 @@ def start_dht(
 
     Raises :class:`SwarmUnreachableError` when ``initial_peers`` cannot be reached or joined within
     ``startup_timeout`` and :class:`UserInputError` when the listen or announce address cannot be used.
+    With an ``authorizer`` (a run with an allowlist) every DHT request and response is signed and checked.
     """
     for maddr in network.announce_maddrs:
         parsed = parse_maddr(maddr)
@@ -74,6 +77,7 @@ def start_dht(
         client_mode=network.client_mode,
         startup_timeout=startup_timeout,
         check_if_identity_free=False,
+        authorizer=authorizer,
         **network.extra,
     )
     dht = _DHTProcess(

@@ -35,6 +35,7 @@ from hivemind.proto import averaging_pb2
 from dedloc.config import Compression, RunConfig
 from dedloc.faults import fault_point
 from dedloc.swarm.records import ONLINE_WINDOW
+from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.reduction import CheckedReduction
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
@@ -113,7 +114,7 @@ def _with_reducers(group_info: GroupInfo, serializer) -> GroupInfo:
     return dataclasses.replace(group_info, gathered=gathered)
 
 
-class ReportingGradientAverager(CheckedReduction, ReducerShares, GradientAverager):
+class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, GradientAverager):
     """hivemind's gradient averager, logging (at info) when this peer begins a gradient-averaging round:
     an operator sees where a stall happens, and fault tests use the line as their cue.
 
@@ -158,7 +159,7 @@ class ReportingGradientAverager(CheckedReduction, ReducerShares, GradientAverage
         return gathered
 
 
-class CheckedStateAverager(CheckedReduction, ReducerShares, TrainingStateAverager):
+class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, TrainingStateAverager):
     """hivemind's state averager, noticing rounds that were left half-done.
 
     When a peer vanishes in the middle of an all-reduce, hivemind (1.1.12,
@@ -483,6 +484,14 @@ def build_optimizer(
         )
 
 
+class _ReaderStateAverager(AdmittedPeersOnly, TrainingStateAverager):
+    """The reader's averager: serves state downloads to the run's members only (hivemind's handler names)."""
+
+    @classmethod
+    def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
+        return TrainingStateAverager._get_handle_name(namespace, method_name)
+
+
 class StateReader:
     """Holds a copy of the swarm's training state (model + optimizer + global step): downloads it from
     peers, and serves it to peers once it holds a real one (:meth:`share`).
@@ -496,7 +505,7 @@ class StateReader:
     def __init__(self, dht: hivemind.DHT, config: RunConfig, prefix: str, model: torch.nn.Module):
         self.model = model
         with _keeping_sigint_handler():
-            self.averager = TrainingStateAverager(
+            self.averager = _ReaderStateAverager(
                 dht=dht,
                 prefix=state_averager_prefix(prefix),
                 optimizer=optimizer_factory(config.optimizer),
