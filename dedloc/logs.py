@@ -42,7 +42,9 @@ class _KnownHivemindNoise(logging.Filter):
       down — is already gone (``multiprocessing.resource_sharer`` fails with ConnectionResetError /
       FileNotFoundError / EOFError); the command was a goodbye that no longer matters;
     - ``DecentralizedAverager._step`` setting the result of an averaging round the optimizer had
-      already cancelled ("Task exception was never retrieved ... InvalidStateError ... CANCELLED").
+      already cancelled ("Task exception was never retrieved ... InvalidStateError ... CANCELLED");
+    - an averaging RPC refused to a peer without access (``NotAdmitted``), logged once per peer by
+      :mod:`dedloc.swarm.access`; hivemind's P2P logs the handler's exception each time.
     Everything else hivemind logs is shown as it is.
     """
 
@@ -67,6 +69,8 @@ class _KnownHivemindNoise(logging.Filter):
             return False
         if record.name == "asyncio" and type(error).__name__ == "InvalidStateError" and "CANCELLED" in str(error):
             return False
+        if record.name.startswith("hivemind.") and type(error).__name__ == "NotAdmitted":
+            return False  # a refused intruder: dedloc.swarm.access logged it once, in one line
         return True
 
 

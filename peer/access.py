@@ -25,7 +25,8 @@ from hivemind.utils.crypto import RSAPublicKey
 
 from dedloc.errors import SwarmUnreachableError, UserInputError
 from dedloc.swarm.access import (
-    ACCESS_HANDLER, CLOCK_TOLERANCE, install_token, members_key, parse_token, token_expiry, token_problem,
+    ACCESS_HANDLER, CLOCK_TOLERANCE, fetch_revoked, install_token, members_key, parse_token, set_revoked, token_expiry,
+    token_problem,
 )
 from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.records import owner_subkey
@@ -130,6 +131,7 @@ class AccessKeeper(threading.Thread):
         self.token = token
         self.lifetime = max(60.0, token_expiry(token) - get_dht_time())
         self.refused: Optional[str] = None
+        self.revoked: frozenset[str] = frozenset()
         self.on_refused = on_refused
         self._halt = threading.Event()
 
@@ -182,6 +184,16 @@ class AccessKeeper(threading.Thread):
             elif time.monotonic() - last_publish > 60.0:
                 self.publish()
                 last_publish = time.monotonic()
+            revoked = fetch_revoked(self.dht, self.coordinator_id)
+            if revoked is not None and revoked != self.revoked:
+                self.revoked = revoked
+                set_revoked(self.dht, sorted(revoked))  # this node's DHT refuses them too
+                if self.token.username in revoked:
+                    self.refused = f"the organiser revoked the access of volunteer {self.token.username!r}"
+                    logger.error(f"access ended: {self.refused}")
+                    if self.on_refused is not None:
+                        self.on_refused(self.refused)
+                    return
 
     def stop(self) -> None:
         self._halt.set()

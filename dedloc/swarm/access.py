@@ -131,8 +131,8 @@ class SwarmAuthorizer(TokenAuthorizerBase):
     """
 
     def __init__(self, authority: RSAPublicKey, token: Optional[AccessToken] = None,
-                 mint_lifetime: Optional[float] = None):
-        super().__init__()
+                 mint_lifetime: Optional[float] = None, local_private_key: Optional[RSAPrivateKey] = None):
+        super().__init__(local_private_key)
         if (token is None) == (mint_lifetime is None):
             raise ValueError("give either a token or, for the coordinator, mint_lifetime")
         self.authority = authority
@@ -147,7 +147,7 @@ class SwarmAuthorizer(TokenAuthorizerBase):
 
     async def get_token(self) -> AccessToken:
         if self._mint_lifetime is not None:
-            return mint_token(RSAPrivateKey.process_wide(), "coordinator", self.local_public_key,
+            return mint_token(self._local_private_key, "coordinator", self.local_public_key,
                               get_dht_time() + self._mint_lifetime)
         return self._installed
 
@@ -233,6 +233,26 @@ def publish_revoked(dht: hivemind.DHT, public_key: RSAPublicKey, coordinator_id:
         return False
 
 
+def _names_by(items: dict, coordinator_id: Optional[PeerID]) -> Optional[frozenset[str]]:
+    for subkey, item in items.items():
+        owner = owner_of_subkey(subkey)
+        if owner is not None and (coordinator_id is None or owner == coordinator_id) and isinstance(item.value, list):
+            return frozenset(name for name in item.value[:MAX_REVOKED] if isinstance(name, str))
+    return None
+
+
+def fetch_revoked(dht: hivemind.DHT, coordinator_id: PeerID, timeout: float = 10.0) -> Optional[frozenset[str]]:
+    """The volunteers the coordinator revoked, as published; None when it cannot be read."""
+    try:
+        found = dht.get(revoked_key(coordinator_id), latest=True, return_future=True).result(timeout)
+    except Exception as e:
+        logger.debug(f"cannot read the revoked volunteers: {e!r}")
+        return None
+    if found is None or not isinstance(found.value, dict):
+        return None
+    return _names_by(found.value, coordinator_id)
+
+
 @dataclass
 class _Member:
     name: str
@@ -302,10 +322,9 @@ class Admission:
                 if holder is None or holder != owner_of_subkey(subkey):
                     continue  # published by someone else than its holder: a replay
                 members[holder] = _Member(token.username, token_expiry(token))
-            names: frozenset[str] = frozenset()
-            for subkey, item in (revoked.value.items() if revoked is not None and isinstance(revoked.value, dict) else ()):
-                if owner_of_subkey(subkey) == self.coordinator_id and isinstance(item.value, list):
-                    names = frozenset(name for name in item.value if isinstance(name, str))
+            names = frozenset()
+            if revoked is not None and isinstance(revoked.value, dict):
+                names = _names_by(revoked.value, self.coordinator_id) or frozenset()
             self._members, self._revoked, self._read_at = members, names, time.monotonic()
 
     def note_refusal(self, peer_id: PeerID, what: str, problem: str) -> None:
