@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--join", nargs="+", action="extend", required=True, metavar="MULTIADDR",
                         help="the coordinator's address (…/p2p/<peer id>), as for `dedloc peer`")
     status.add_argument("--json", dest="as_json", action="store_true", help="print JSON (for scripts)")
+    status.add_argument("--invite", help="your invite, for a run with an allowlist")
     status.add_argument("--timeout", type=_positive_float, default=20.0,
                         help="give up after this many seconds (default: 20; exit code 3)")
     export = sub.add_parser(
@@ -280,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "status":
         from dedloc.status import StatusOptions, run_status
 
-        return run_status(StatusOptions(join=args.join, as_json=args.as_json, timeout=args.timeout))
+        return run_status(StatusOptions(join=args.join, as_json=args.as_json, timeout=args.timeout, invite=args.invite))
     if args.command == "allowlist":
         return _edit_allowlist(args)
     if args.command == "export":

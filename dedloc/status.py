@@ -24,6 +24,7 @@ from rich.text import Text
 from dedloc.errors import SwarmUnreachableError
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import short_id
+from dedloc.swarm.access import SwarmAuthorizer, ask_the_desk
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, start_dht
@@ -46,6 +47,8 @@ class StatusOptions:
     as_json: bool = False
     timeout: float = 20.0
     """Give up (exit 3) when the swarm or the coordinator's records cannot be reached within this."""
+    invite: Optional[str] = None
+    """A volunteer's invite, for a run with an allowlist (its DHT answers members only)."""
 
 
 def read_swarm_status(options: StatusOptions, stop: GracefulExit) -> dict:
@@ -53,11 +56,16 @@ def read_swarm_status(options: StatusOptions, stop: GracefulExit) -> dict:
     join = parse_join_addresses(options.join)
     deadline = time.monotonic() + options.timeout
     identity = Identity.create_ephemeral()
+    identity.bind_to_process()
     dht = None
     try:
+        # an open run answers anyone; a run with an allowlist only members (AccessRefused says why not)
+        grant = ask_the_desk(identity, join.as_strings, join.coordinator_id, options.invite,
+                             timeout=max(1.0, options.timeout / 2))
         dht = start_dht(
             identity, NetworkOptions(client_mode=True), initial_peers=join.as_strings,
             validators=[RSASignatureValidator()], startup_timeout=max(1.0, options.timeout - 5.0), stop=stop.requested,
+            authorizer=SwarmAuthorizer(grant.authority, grant.token) if grant and grant.token else None,
         )
         manifest: Optional[ManifestHeader] = None
         while manifest is None:

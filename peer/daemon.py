@@ -19,11 +19,11 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from dedloc.checkpoint import write_checkpoint
 from dedloc.config import RunConfig
-from dedloc.errors import SwarmUnreachableError, UserInputError
+from dedloc.errors import UserInputError
 from dedloc.faults import fault_pause
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import setup_logging
-from dedloc.swarm.access import Admission, SwarmAuthorizer
+from dedloc.swarm.access import AccessRefused, Admission, SwarmAuthorizer, ask_the_desk
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.node import NetworkOptions, start_dht
@@ -43,7 +43,7 @@ from dedloc.task.device import (
     search_micro_batch,
 )
 
-from .access import AccessKeeper, AccessRefused, request_access
+from .access import AccessKeeper
 from .join import read_join_file, wait_for_manifest
 from .progress_view import ProgressView
 from .trainer import PeerTrainer
@@ -145,20 +145,15 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     started = time.monotonic()
     dht = keeper = None
     try:
-        grant = request_access(identity, join.as_strings, join.coordinator_id, invite) if invite else None
-        if grant is not None and grant.token is None:
+        # the coordinator's desk says whether the run is open, or gives this peer a token (for its invite or
+        # its identity), or says why not: a run with an allowlist refuses DHT requests without a token
+        grant = ask_the_desk(identity, join.as_strings, join.coordinator_id, invite)
+        if grant is not None and grant.token is None and invite is not None:
             logger.warning("this run is open (the coordinator keeps no allowlist): the invite is not needed")
-        try:
-            dht = start_dht(
-                identity, network, initial_peers=join.as_strings, validators=[RSASignatureValidator()],
-                stop=stop.requested, authorizer=SwarmAuthorizer(grant.authority, grant.token) if grant and grant.token else None,
-            )
-        except SwarmUnreachableError:
-            if invite is None:  # a run with an allowlist refuses DHT requests without a token: say so
-                grant = request_access(identity, join.as_strings, join.coordinator_id, None)
-                if grant.token is None:
-                    raise
-            raise
+        dht = start_dht(
+            identity, network, initial_peers=join.as_strings, validators=[RSASignatureValidator()],
+            stop=stop.requested, authorizer=SwarmAuthorizer(grant.authority, grant.token) if grant and grant.token else None,
+        )
         if grant is not None and grant.token is not None:
             Admission(grant.authority, join.coordinator_id).bind_to_process()
             keeper = AccessKeeper(dht, identity, join.coordinator_id, invite, grant.token,

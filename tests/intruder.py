@@ -46,16 +46,15 @@ class SelfSignedAuthorizer(TokenAuthorizerBase):
 
 
 def try_dht(attempt: str, coordinator: str, prefix: str, **kwargs) -> None:
-    """Join the DHT; if that works, write a progress record and read the run's records."""
+    """Join the DHT; if that works, write a record and read the run's records."""
     try:
         dht = hivemind.DHT(initial_peers=[coordinator], start=True, startup_timeout=20, **QUIET, **kwargs)
     except Exception as e:
         report(f"{attempt}: join the DHT", "failed", f"{type(e).__name__}: {e}")
         return
     try:
-        stored = dht.store(f"{prefix}_progress", subkey=b"intruder", value={"samples": 10**9},
-                           expiration_time=get_dht_time() + 60)
-        report(f"{attempt}: write a progress record", "succeeded" if stored else "failed")
+        stored = dht.store(f"{prefix}_graffiti", value={"samples": 10**9}, expiration_time=get_dht_time() + 60)
+        report(f"{attempt}: write a record", "succeeded" if stored else "failed")
         found = dht.get(f"{prefix}_grad_averager.all_averagers", latest=True)
         report(f"{attempt}: read the swarm's records", "succeeded" if found is not None else "failed")
     finally:

@@ -16,9 +16,11 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from dedloc.allowlist import add_volunteer, load_allowlist, revoke_volunteer
 from dedloc.errors import UserInputError
-from dedloc.peer.access import AccessRefused, _read_answer
-from dedloc.swarm.access import SwarmAuthorizer, mint_token, parse_token, token_holder, token_problem
-from dedloc.swarm.identity import peer_id_of_public_key
+
+from dedloc.swarm.access import (
+    AccessRefused, SwarmAuthorizer, mint_token, parse_token, read_access_answer, token_holder, token_problem,
+)
+from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.records import swarm_prefix
 from dedloc.coordinator.admission import AccessDesk
 from hivemind.utils import MSGPackSerializer
@@ -97,7 +99,7 @@ def test_the_access_desk_admits_invited_volunteers_and_says_why_it_refuses(tmp_p
     assert skewed["error"] == "clock" and re.search(r"your clock is 9\d s ahead of the coordinator's", skewed["message"])
     # the peer side reports a skewed clock as such too, from the desk's time
     with pytest.raises(AccessRefused, match=r"your clock is \d+ s behind"):
-        _read_answer(MSGPackSerializer.dumps(dict(answer, time=get_dht_time() + 120)), peer_id_of_public_key(authority.get_public_key()))
+        read_access_answer(MSGPackSerializer.dumps(dict(answer, time=get_dht_time() + 120)), peer_id_of_public_key(authority.get_public_key()))
 
     revoke_volunteer(allowlist, "alice")  # the desk notices the changed file on the next request
     assert "revoked" in ask()["message"]
@@ -153,17 +155,19 @@ def _intrude(coordinator_dir: Path, join: list[str]) -> list[dict]:
 @pytest.mark.timeout(420)
 def test_an_allowlisted_run_trains_keeps_intruders_out_and_revokes(tmp_path, procs):
     allowlist = tmp_path / "allowlist.toml"
-    invites = {name: add_volunteer(allowlist, name) for name in ("alice", "bob")}
-    config = small_run_config(tmp_path / "run.toml", training={"total_steps": 10})
+    invite = add_volunteer(allowlist, "alice")
+    bob_identity = tmp_path / "bob.key"  # bob is admitted by his identity, without an invite
+    add_volunteer(allowlist, "bob", peer_id=Identity.load_or_create(bob_identity).peer_id.to_base58())
+    config = small_run_config(tmp_path / "run.toml", training={"total_steps": 20})
     coordinator_dir = tmp_path / "coordinator"
     coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(coordinator_dir),
                                "--allowlist", str(allowlist), "--no-dashboard")
     join = join_addresses(coordinator_dir, coordinator)
     assert "this run is OPEN" not in coordinator.log_path.read_text()
-    (tmp_path / "bob.invite").write_text(invites["bob"] + "\n")
-    alice = procs.dedloc("peer", "--join", *join, "--invite", invites["alice"], "--workdir", str(tmp_path / "a"), name="alice")
-    bob = procs.dedloc("peer", "--join", *join, "--invite-file", str(tmp_path / "bob.invite"), "--workdir", str(tmp_path / "b"),
-                       name="bob")
+    (tmp_path / "alice.invite").write_text(invite + "\n")
+    alice = procs.dedloc("peer", "--join", *join, "--invite-file", str(tmp_path / "alice.invite"), "--workdir",
+                         str(tmp_path / "a"), name="alice")
+    bob = procs.dedloc("peer", "--join", *join, "--identity", str(bob_identity), "--workdir", str(tmp_path / "b"), name="bob")
     members = [coordinator, alice, bob]
 
     # volunteers without a (valid) invite are told so, with exit code 2
@@ -188,11 +192,22 @@ def test_an_allowlisted_run_trains_keeps_intruders_out_and_revokes(tmp_path, pro
     revoke_volunteer(allowlist, "bob")
     wait_for(lambda: bob.poll() is not None, 90, "bob to leave after his revocation", watch=[coordinator, alice])
     assert bob.poll() == 2 and "revoked" in bob.log_tail(10), bob.log_tail(20)
+
+    # `dedloc status` reads a closed run with an invite, and says why not without one
+    def status(*flags):
+        return subprocess.run([sys.executable, "-m", "dedloc", "status", "--join", *join, "--json", *flags],
+                              capture_output=True, text=True, timeout=90)
+
+    shown = status("--invite", invite)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"], shown.stderr[-2000:]
+    refused = status()
+    assert refused.returncode == 2 and "not on the allowlist" in refused.stderr, refused.stderr[-2000:]
+
     for child in (coordinator, alice):
         wait_for(lambda: child.poll() is not None, 300, f"{child.name} to finish", watch=[coordinator, alice])
         assert child.poll() == 0, child.log_tail(30)
     history = read_history(coordinator_dir)
-    assert [record["step"] for record in history] == list(range(1, 11))
+    assert [record["step"] for record in history] == list(range(1, 21))
     for child in (coordinator, alice, bob):
         assert "Traceback" not in child.log_path.read_text(), f"{child.name} logged a traceback"
 
@@ -210,5 +225,6 @@ def test_the_same_intruder_gets_into_an_open_run(tmp_path, procs):
     peers = [procs.dedloc("peer", "--join", *join, "--workdir", str(tmp_path / f"p{i}"), name=f"peer-{i}") for i in (1, 2)]
     wait_for(lambda: len(read_history(coordinator_dir)) >= 2, 240, "2 global steps", watch=[coordinator, *peers])
     attempts = {a["attempt"]: a for a in _intrude(coordinator_dir, join)}
-    assert attempts["no token: write a progress record"]["outcome"] == "succeeded", attempts
+    assert attempts["no token: write a record"]["outcome"] == "succeeded", attempts
+    assert attempts["no token: read the swarm's records"]["outcome"] == "succeeded", attempts
     assert attempts["download the state"]["outcome"] == "succeeded", attempts

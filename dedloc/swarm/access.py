@@ -30,14 +30,16 @@ from functools import partial
 from typing import AsyncIterator, Optional, Sequence
 
 import hivemind
-from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.proto.auth_pb2 import AccessToken
-from hivemind.utils import get_dht_time
+from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
+from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from dedloc.swarm.identity import peer_id_of_public_key
+from dedloc.errors import SwarmUnreachableError, UserInputError
+from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.records import owner_of_subkey, owner_subkey
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,98 @@ def parse_token(data: object) -> Optional[AccessToken]:
     try:
         return AccessToken.FromString(data)
     except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Asking the coordinator for a token
+
+
+@dataclass(frozen=True)
+class AccessGrant:
+    """What the coordinator answered: a token (None for an open run) and its own public key."""
+
+    token: Optional[AccessToken]
+    authority: RSAPublicKey
+
+
+class AccessRefused(UserInputError):
+    """The coordinator refused this peer (not on the allowlist, revoked, clock off): exit code 2."""
+
+
+def access_request(identity: Identity, invite: Optional[str]) -> bytes:
+    return MSGPackSerializer.dumps(dict(invite=invite, public_key=identity.public_key.to_bytes(), time=get_dht_time()))
+
+
+def read_access_answer(data: bytes, coordinator_id: PeerID) -> AccessGrant:
+    """Check the desk's answer; :class:`AccessRefused` with its message when it refused."""
+    answer = MSGPackSerializer.loads(data) if len(data) < 16384 else None
+    if not isinstance(answer, dict) or not isinstance(answer.get("authority"), bytes):
+        raise SwarmUnreachableError("the coordinator sent a malformed answer to the access request")
+    authority = RSAPublicKey.from_bytes(answer["authority"])
+    if peer_id_of_public_key(authority) != coordinator_id:
+        raise SwarmUnreachableError("the access desk that answered is not the coordinator of the join address")
+    skew = get_dht_time() - float(answer.get("time", 0.0))
+    if abs(skew) > CLOCK_TOLERANCE:
+        direction = "ahead of" if skew > 0 else "behind"
+        raise AccessRefused(f"your clock is {abs(skew):.0f} s {direction} the coordinator's (more than the "
+                            f"{CLOCK_TOLERANCE:.0f} s the swarm tolerates): set it right (enable time "
+                            "synchronisation, e.g. NTP) and start again")
+    if answer.get("error") == "open":
+        return AccessGrant(None, authority)
+    if "error" in answer:
+        raise AccessRefused(f"the coordinator {answer.get('message', 'refused this peer')}"
+                            if answer.get("error") == "refused" else str(answer.get("message")))
+    token = parse_token(answer.get("token"))
+    problem = "no token" if token is None else token_problem(token, authority)
+    if problem is not None:
+        raise SwarmUnreachableError(f"the coordinator issued an unusable access token ({problem})")
+    return AccessGrant(token, authority)
+
+
+def request_access(identity: Identity, join_maddrs: list[str], coordinator_id: PeerID, invite: Optional[str],
+                   timeout: float = 30.0) -> AccessGrant:
+    """Ask the coordinator for a token before joining (a libp2p node of this identity that only dials
+    out, for the length of the request). :class:`SwarmUnreachableError` when the coordinator does not
+    answer, :class:`AccessRefused` when it refuses."""
+
+    async def ask() -> bytes:
+        p2p = await P2P.create(
+            initial_peers=join_maddrs, identity_path=str(identity.path), check_if_identity_free=False,
+            no_listen=True, nat_port_map=False, auto_nat=False, use_relay=False, startup_timeout=timeout,
+        )
+        try:
+            response = await asyncio.wait_for(
+                p2p.call_protobuf_handler(coordinator_id, ACCESS_HANDLER, ExpertRequest(metadata=access_request(identity, invite)),
+                                          ExpertResponse),
+                timeout,
+            )
+            return response.metadata
+        finally:
+            await p2p.shutdown()
+
+    try:
+        data = asyncio.run(ask())
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}".strip().splitlines()[-1]
+        raise SwarmUnreachableError(
+            f"cannot ask the coordinator at {', '.join(join_maddrs)} for access ({text}); check the address"
+        ) from None
+    return read_access_answer(data, coordinator_id)
+
+
+def ask_the_desk(identity: Identity, join_maddrs: list[str], coordinator_id: PeerID, invite: Optional[str],
+                 timeout: float = 30.0) -> Optional[AccessGrant]:
+    """What a node asks before joining: a token for its invite or identity, or the news that the run is
+    open. :class:`AccessRefused` when it may not join. Without an invite, a desk that cannot be reached
+    (within a third of ``timeout``) gives None: the node joins as for an open run, through whichever
+    join address answers — a run with an allowlist then refuses it at the DHT."""
+    try:
+        return request_access(identity, join_maddrs, coordinator_id, invite, timeout=timeout if invite else timeout / 3)
+    except SwarmUnreachableError as e:
+        if invite is not None:
+            raise
+        logger.debug(f"the coordinator's access desk did not answer ({e}); joining as for an open run")
         return None
 
 
