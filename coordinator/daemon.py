@@ -95,6 +95,8 @@ def run_coordinator(options: CoordinatorOptions, stop: Optional[GracefulExit] = 
     """Run the coordinator until the run ends (0) or a stop is requested (130)."""
     stop = stop or GracefulExit.install("coordinator")
     config = load_run_config(options.config) if options.config is not None else default_run_config()
+    if options.allowlist is not None:
+        load_allowlist(options.allowlist)  # unreadable or malformed: refuse to start (exit 2)
     if options.max_steps is not None and options.max_steps <= 0:
         raise UserInputError(f"--max-steps must be positive (got {options.max_steps})")
     state = StateDir(options.workdir.expanduser().resolve())
@@ -120,8 +122,6 @@ class Coordinator:
                 "move them away to start the run from scratch"
             )
         self.desk = AccessDesk(options.allowlist, config.run_id, options.token_lifetime)
-        if options.allowlist is not None:
-            load_allowlist(options.allowlist)  # unreadable or malformed: refuse to start (exit 2)
         self.revoked: Optional[list[str]] = None
         self.dht: Optional[hivemind.DHT] = None
         self.checkpointer: Optional[Checkpointer] = None

@@ -3,7 +3,8 @@
 A test sets ``DEDLOC_FAULTS`` to a comma-separated list of point names in a daemon's environment; when
 the daemon reaches a listed point it logs ``fault injected: NAME`` and hangs there until it is killed
 (:func:`fault_point`), stops itself until the test sends SIGCONT (:func:`fault_pause`), or misbehaves
-there as the name says (:func:`fault_active`).
+there as the name says (:func:`fault_active`). A peer started with one of :data:`ATTACKS` is a scripted
+bad volunteer for the attack benchmark: it poisons what it sends to gradient averaging (:func:`poison`).
 Without the variable (every normal run) a point costs one dictionary lookup and does nothing.
 """
 
@@ -13,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +46,40 @@ def fault_pause(name: str) -> None:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+ATTACKS = {
+    "attack-sign-flip": "its gradient × −1000",
+    "attack-random": "a random direction with 1000 × its gradient's norm",
+    "attack-nan": "NaN in every gradient it sends",
+    "attack-weight": "its honest gradient with a claimed weight of 1000 × its samples",
+}
+"""The scripted attacks a peer can be started with (``DEDLOC_FAULTS=attack-…``), as in BTARD's experiments."""
+
+
+def active_attack() -> Optional[str]:
+    """The attack this process was started with, if any (logged)."""
+    for name in os.environ.get(ENV, "").split(","):
+        if name in ATTACKS:
+            logger.warning(f"fault injected: {name} ({ATTACKS[name]})")
+            return name
+    return None
+
+
+def poison(attack: str, gradients: Sequence) -> None:
+    """Turn this peer's averaged-to-be ``gradients`` (torch tensors, in place) into the attack's."""
+    import torch
+
+    with torch.no_grad():
+        if attack == "attack-sign-flip":
+            for tensor in gradients:
+                tensor.mul_(-1000.0)
+        elif attack == "attack-random":
+            norm = float(torch.sqrt(sum(tensor.float().square().sum() for tensor in gradients)))
+            noise = [torch.randn_like(tensor) for tensor in gradients]
+            scale = 1000.0 * norm / max(float(torch.sqrt(sum(n.square().sum() for n in noise))), 1e-12)
+            for tensor, direction in zip(gradients, noise):
+                tensor.copy_(direction.mul_(scale))
+        elif attack == "attack-nan":
+            for tensor in gradients:
+                tensor.fill_(float("nan"))

@@ -134,9 +134,10 @@ def test_allowlist_commands(tmp_path):
     assert dedloc("revoke", "alice").returncode == 0
     assert "alice\tinvite\trevoked" in dedloc("list").stdout
     assert path.stat().st_mode & 0o077 == 0, "the allowlist is readable by others"
-    missing = subprocess.run([sys.executable, "-m", "dedloc", "allowlist", "list", "--file", str(tmp_path / "none.toml")],
-                             capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 2 and "cannot read the allowlist" in missing.stderr
+    for command in (["allowlist", "list", "--file"], ["coordinator", "--workdir", str(tmp_path / "c"), "--allowlist"]):
+        missing = subprocess.run([sys.executable, "-m", "dedloc", *command, str(tmp_path / "none.toml")],
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2 and "cannot read the allowlist" in missing.stderr, missing.stderr
 
 
 def _intrude(coordinator_dir: Path, join: list[str]) -> list[dict]:

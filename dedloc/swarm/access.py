@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -141,13 +142,19 @@ def access_request(identity: Identity, invite: Optional[str]) -> bytes:
 
 def read_access_answer(data: bytes, coordinator_id: PeerID) -> AccessGrant:
     """Check the desk's answer; :class:`AccessRefused` with its message when it refused."""
-    answer = MSGPackSerializer.loads(data) if len(data) < 16384 else None
-    if not isinstance(answer, dict) or not isinstance(answer.get("authority"), bytes):
-        raise SwarmUnreachableError("the coordinator sent a malformed answer to the access request")
-    authority = RSAPublicKey.from_bytes(answer["authority"])
+    malformed = SwarmUnreachableError("the coordinator sent a malformed answer to the access request")
+    try:
+        answer = MSGPackSerializer.loads(data) if len(data) < 16384 else None
+        authority = RSAPublicKey.from_bytes(answer["authority"])
+        their_time = answer["time"]
+        message = str(answer.get("message", ""))[:500]
+    except Exception:
+        raise malformed from None
+    if not isinstance(their_time, (int, float)) or not math.isfinite(their_time):
+        raise malformed
     if peer_id_of_public_key(authority) != coordinator_id:
         raise SwarmUnreachableError("the access desk that answered is not the coordinator of the join address")
-    skew = get_dht_time() - float(answer.get("time", 0.0))
+    skew = get_dht_time() - float(their_time)
     if abs(skew) > CLOCK_TOLERANCE:
         direction = "ahead of" if skew > 0 else "behind"
         raise AccessRefused(f"your clock is {abs(skew):.0f} s {direction} the coordinator's (more than the "
@@ -156,8 +163,8 @@ def read_access_answer(data: bytes, coordinator_id: PeerID) -> AccessGrant:
     if answer.get("error") == "open":
         return AccessGrant(None, authority)
     if "error" in answer:
-        raise AccessRefused(f"the coordinator {answer.get('message', 'refused this peer')}"
-                            if answer.get("error") == "refused" else str(answer.get("message")))
+        raise AccessRefused(f"the coordinator {message or 'refused this peer'}" if answer.get("error") == "refused"
+                            else message or "the coordinator refused this peer")
     token = parse_token(answer.get("token"))
     problem = "no token" if token is None else token_problem(token, authority)
     if problem is not None:

@@ -33,7 +33,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from dedloc.config import Compression, RunConfig
-from dedloc.faults import fault_point
+from dedloc.faults import active_attack, fault_point, poison
 from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.reduction import CheckedReduction
@@ -126,7 +126,14 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
     def __init__(self, *args, **kwargs):
         self.rounds_completed = mp.Value("i", 0)  # shared with the averager's background process
         self._completed_at_join = 0
+        self.attack = active_attack()  # a scripted bad volunteer (attack benchmark) only
         super().__init__(*args, **kwargs)
+
+    def load_accumulators_into_averager_(self):
+        super().load_accumulators_into_averager_()
+        if self.attack is not None:
+            with self.get_tensors() as gradients:
+                poison(self.attack, gradients)
 
     def rejoined(self) -> None:
         """This peer just took the swarm's state: it is a newcomer again until one of its rounds completes."""
@@ -146,6 +153,8 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
         self.rounds_begun = getattr(self, "rounds_begun", 0) + 1
         self.round_samples = self.local_samples_accumulated
         logger.info(f"averaging gradients (round {self.rounds_begun}, {self.local_samples_accumulated} local samples)")
+        if self.attack == "attack-weight":
+            weight = 1000.0 * max(1, self.local_samples_accumulated)
         if weight is None and self.local_samples_accumulated == 0:
             # a peer with nothing accumulated takes part with a negligible weight, never zero: a group
             # whose weights all were zero would average to 0/0 (hivemind's reducer divides by their sum)

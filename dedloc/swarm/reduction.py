@@ -28,6 +28,8 @@ from hivemind.averaging.partition import AllreduceException, TensorPartReducer
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
+from dedloc.faults import fault_active
+
 logger = logging.getLogger(__name__)
 
 Aggregation = Literal["mean", "centered_clip"]
@@ -155,10 +157,14 @@ class CheckedReduction:
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
                  clip_tau: Optional[float] = None, **kwargs):
         self.aggregation, self.max_weight, self.clip_tau = aggregation, max_weight, clip_tau
+        # the attack benchmark's baseline: hivemind's own reducer (any part, any weight, the mean)
+        self.unchecked = fault_active("defences-off")
         super().__init__(*args, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: Optional[bytes] = None, **kwargs):
+        if self.unchecked:
+            return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         # hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_, building dedloc's runner: the
         # runner's reducer has no other hook
         group_id = group_info.group_id if group_id is None else group_id

@@ -1,0 +1,34 @@
+"""The attack benchmark's short version, as CI runs it: 4 peers, one of them flipping its gradient's
+sign × 1000, with dedloc's defences on and off, against a clean run (``python -m bench.attack``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(1200)
+def test_a_sign_flipping_peer_is_held_off_by_the_defences(tmp_path):
+    out = tmp_path / "attack"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.attack", "--attacks", "sign-flip", "--peers", "4", "--steps", "12", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1150,
+    )
+    print(done.stdout)
+    runs = {run["label"].split(",")[-1].strip(): run for run in json.loads((out / "attack.json").read_text())}
+    clean, on, off = runs["clean (no attacker, default run)"], runs["defences on"], runs["defences off"]
+    assert clean["heldout_loss"] is not None and clean["final_step"] == 12, clean
+    # defended: the run finishes, within 5 % of the clean run's held-out loss (the bench's own check)
+    assert on["heldout_loss"] is not None and on["ratio_to_clean"] <= 1.05, on
+    assert done.returncode == 0, done.stderr[-3000:]
+    # undefended: the same attack does measurable harm (or the run never reaches a final checkpoint)
+    harmed = off["heldout_loss"] is None or not math.isfinite(off["heldout_loss"]) or off["ratio_to_clean"] > 1.05
+    assert harmed, off
