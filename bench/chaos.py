@@ -1,7 +1,7 @@
 """Chaos soak: a swarm on shaped home links while volunteers' machines die and their links drop.
 
     python -m bench.chaos [--peers 6] [--minutes 10] [--fault-every 30] [--up-mbit 20] [--down-mbit 50]
-                          [--no-baseline] [--seed 0] [--out chaos-results]
+                          [--no-baseline] [--seed 0] [--allowlist] [--out chaos-results]
 
 Runs the swarm lab (each daemon on its own network namespace with a tbf-shaped link; needs root) for
 ``--minutes`` after the first global step, twice: without faults (the baseline) and with one fault
@@ -132,8 +132,9 @@ def _peer_step(node: LabNode) -> int:
 
 class Soak:
     def __init__(self, root: Path, peers: int, minutes: float, fault_every: float, up: float, down: float,
-                 seed: int, faults: bool):
+                 seed: int, faults: bool, allowlist: bool = False):
         self.root, self.n, self.window = root, peers, minutes * 60.0
+        self.allowlist = allowlist
         self.fault_every, self.up, self.down, self.faults_on = fault_every, up, down, faults
         self.random = random.Random(seed)
         self.faults: list[Fault] = []
@@ -146,7 +147,7 @@ class Soak:
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
         network = Network()
-        swarm = LabSwarm(network, self.root / "lab", _config(self.root / "run.toml", self.n))
+        swarm = LabSwarm(network, self.root / "lab", _config(self.root / "run.toml", self.n), allowlist=self.allowlist)
         try:
             swarm.start_coordinator(up_mbit=self.up, down_mbit=self.down)
             for index in range(1, self.n + 1):
@@ -333,6 +334,7 @@ def main(argv=None) -> int:
     parser.add_argument("--down-mbit", type=float, default=50.0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without faults")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allowlist", action="store_true", help="a closed run: the coordinator admits the lab's peers only")
     parser.add_argument("--out", type=Path, default=Path("chaos-results"))
     parser.add_argument("--max-divergence", type=float, default=DIVERGENCE_LIMIT,
                         help="relative parameter difference between finished peers that fails the soak (default: "
@@ -346,7 +348,7 @@ def main(argv=None) -> int:
     try:
         for faults in ([False] if not args.no_baseline else []) + [True]:
             soak = Soak(args.out / ("faults" if faults else "baseline"), args.peers, args.minutes, args.fault_every,
-                        args.up_mbit, args.down_mbit, args.seed, faults)
+                        args.up_mbit, args.down_mbit, args.seed, faults, allowlist=args.allowlist)
             results.append(soak.run())
     except LabUnavailable as e:
         print(f"chaos: the swarm lab needs network namespaces: {e}", file=sys.stderr)

@@ -161,8 +161,9 @@ def test_an_allowlisted_run_trains_keeps_intruders_out_and_revokes(tmp_path, pro
     add_volunteer(allowlist, "bob", peer_id=Identity.load_or_create(bob_identity).peer_id.to_base58())
     config = small_run_config(tmp_path / "run.toml", training={"total_steps": 20})
     coordinator_dir = tmp_path / "coordinator"
+    # tokens live 60 s: the run outlasts them, so members must renew theirs (at half-life) to finish it
     coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(coordinator_dir),
-                               "--allowlist", str(allowlist), "--no-dashboard")
+                               "--allowlist", str(allowlist), "--token-lifetime", "60", "--no-dashboard")
     join = join_addresses(coordinator_dir, coordinator)
     assert "this run is OPEN" not in coordinator.log_path.read_text()
     (tmp_path / "alice.invite").write_text(invite + "\n")
@@ -209,6 +210,7 @@ def test_an_allowlisted_run_trains_keeps_intruders_out_and_revokes(tmp_path, pro
         assert child.poll() == 0, child.log_tail(30)
     history = read_history(coordinator_dir)
     assert [record["step"] for record in history] == list(range(1, 21))
+    assert "access token renewed" in alice.log_path.read_text()
     for child in (coordinator, alice, bob):
         assert "Traceback" not in child.log_path.read_text(), f"{child.name} logged a traceback"
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dedloc.allowlist import add_volunteer
 from dedloc.lifecycle import ChildProcess, stop_all
+from dedloc.swarm.identity import Identity
 
 from .network import Host, LoopbackNetwork, Network
 
@@ -93,8 +95,11 @@ class LabNode:
 class LabSwarm:
     """A coordinator and peers on hosts of ``network``; :meth:`close` stops them all."""
 
-    def __init__(self, network: Network | LoopbackNetwork, workdir: Path, config: Path, threads: int = 1):
+    def __init__(self, network: Network | LoopbackNetwork, workdir: Path, config: Path, threads: int = 1,
+                 allowlist: bool = False):
+        """``allowlist``: the coordinator admits only the lab's peers (each by its identity), as a closed run."""
         self.network, self.workdir, self.config = network, workdir, config
+        self.allowlist = workdir / "allowlist.toml" if allowlist else None
         self.logdir = workdir / "logs"
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.env = dict(
@@ -116,6 +121,10 @@ class LabSwarm:
                           extra: tuple[str, ...] = (), env: Optional[dict] = None) -> LabNode:
         """``env``: extra environment variables (e.g. ``DEDLOC_FAULTS``)."""
         host = self.network.add_host("coordinator", up_mbit, down_mbit)
+        if self.allowlist is not None:
+            self.allowlist.parent.mkdir(parents=True, exist_ok=True)
+            self.allowlist.write_text("", encoding="utf-8")
+            extra = ("--allowlist", str(self.allowlist), *extra)
         self.coordinator = self._node("coordinator", host, [
             "coordinator", "--config", str(self.config), "--workdir", str(self.coordinator_dir),
             "--host", host.address, "--dashboard-host", host.address, *extra,
@@ -145,6 +154,8 @@ class LabSwarm:
         host = self.network.add_host(name, up_mbit, down_mbit)
         workdir = self.workdir / name
         workdir.mkdir(parents=True, exist_ok=True)
+        if self.allowlist is not None:  # the coordinator re-reads the file: the peer is admitted by its identity
+            add_volunteer(self.allowlist, name, peer_id=Identity.load_or_create(workdir / "identity.key").peer_id.to_base58())
         node = self._node(name, host, [
             "peer", "--join", *self.join_info()["join"], "--host", host.address, "--workdir", str(workdir),
             "--identity", str(workdir / "identity.key"), *extra,

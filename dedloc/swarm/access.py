@@ -191,10 +191,14 @@ def request_access(identity: Identity, join_maddrs: list[str], coordinator_id: P
             )
             return response.metadata
         finally:
-            await p2p.shutdown()
+            try:
+                await asyncio.wait_for(p2p.shutdown(), 5.0)
+            except Exception as e:  # its p2pd is this process's child: it goes with the process at the latest
+                logger.debug(f"the access request's libp2p node did not shut down cleanly: {e!r}")
 
     try:
-        data = asyncio.run(ask())
+        # bounded as a whole: starting the node, the request, and its shutdown
+        data = asyncio.run(asyncio.wait_for(ask(), 2 * timeout + 10.0))
     except Exception as e:
         text = f"{type(e).__name__}: {e}".strip().splitlines()[-1]
         raise SwarmUnreachableError(
