@@ -29,15 +29,10 @@ from typing import Optional
 from dedloc.config import default_run_config
 from dedloc.faults import ATTACKS
 from dedloc.lab.network import LoopbackNetwork
-from dedloc.lab.swarm import LabSwarm
+from dedloc.lab.swarm import TINY_MODEL, LabSwarm
 
 TOLERANCE = 0.05
 RUN_TIMEOUT = 600.0
-TINY_MODEL = dict(
-    model={"embedding_size": 32, "hidden_size": 64, "intermediate_size": 128},
-    tokenizer={"vocab_size": 2000},
-    data={"seq_length": 64},
-)
 
 
 @dataclass

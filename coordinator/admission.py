@@ -26,7 +26,9 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from dedloc.allowlist import Allowlist, load_allowlist
 from dedloc.errors import UserInputError
-from dedloc.swarm.access import ACCESS_HANDLER, ALLOWLIST_HINT, CLOCK_TOLERANCE, mint_token, token_bytes
+from dedloc.swarm.access import (
+    ACCESS_HANDLER, ALLOWLIST_HINT, CLOCK_TOLERANCE, clock_skew_message, mint_token, token_bytes,
+)
 from dedloc.swarm.identity import peer_id_of_public_key
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ class AccessDesk:
             return dict(reply, error="malformed", message="the access request names a key this connection does not hold")
         skew = float(their_time) - now
         if abs(skew) > CLOCK_TOLERANCE:
-            return dict(reply, error="clock", message=_clock_message(skew))
+            return dict(reply, error="clock", message=clock_skew_message(skew))
         volunteer = allowlist.admit(invite, remote_id.to_base58())
         if volunteer is None or volunteer.revoked:
             problem = "an invite that is not on the allowlist" if invite else "no invite"
@@ -103,12 +105,6 @@ class AccessDesk:
         logger.info(f"access token for volunteer {volunteer.name!r} (peer {remote_id.to_base58()}) until "
                     f"{self.lifetime / 60:.0f} min from now")
         return dict(reply, token=token_bytes(token))
-
-
-def _clock_message(skew: float) -> str:
-    direction = "ahead of" if skew > 0 else "behind"
-    return (f"your clock is {abs(skew):.0f} s {direction} the coordinator's (more than the {CLOCK_TOLERANCE:.0f} s "
-            "the swarm tolerates): set it right (enable time synchronisation, e.g. NTP) and start again")
 
 
 async def _serve(dht: hivemind.DHT, node, desk: AccessDesk) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from dedloc.checkpoint import MANIFEST, PREFIX, TMP_PREFIX, latest_valid_checkpoint, load_checkpoint
 from dedloc.lab.network import LabUnavailable, LoopbackNetwork, Network
-from dedloc.lab.swarm import LabSwarm
+from dedloc.lab.swarm import TINY_MODEL, LabSwarm
 from dedloc.swarm.records import ONLINE_WINDOW
 from helpers import read_history, small_run_config, wait_for
 
@@ -26,13 +26,6 @@ pytestmark = [pytest.mark.swarm, pytest.mark.timeout(480)]
 
 AVERAGING_TIMEOUT = 15.0
 PARTITION = 60.0
-# the scenarios test how the swarm weathers faults, not what it learns: a model a tenth of the embedded
-# default's size keeps each step to matchmaking and the faults' own timeouts (and CI time down)
-TINY_RUN = dict(
-    model={"embedding_size": 32, "hidden_size": 64, "intermediate_size": 128},
-    tokenizer={"vocab_size": 2000},
-    data={"seq_length": 64},
-)
 
 
 _NAMESPACES: Optional[str] = None  # why namespaces cannot be made here ("" when they can), found once
@@ -73,7 +66,8 @@ def lab(request, tmp_path):
                 tmp_path / "run.toml",
                 training={"total_steps": total_steps, "min_peers": peers},
                 averaging={"averaging_timeout": AVERAGING_TIMEOUT},
-                **(TINY_RUN if small_model else {}),
+                # the scenarios test how the swarm weathers faults, not what it learns (and CI time)
+                **(TINY_MODEL if small_model else {}),
             )
             # a closed run, as announced runs should be: the scenarios hold with the allowlist's checks on
             swarm = LabSwarm(network, tmp_path / "lab", config, allowlist=True)

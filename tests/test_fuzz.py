@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord
@@ -42,24 +43,13 @@ def _write(text: str) -> Path:
     return Path(handle.name)
 
 
+@pytest.mark.parametrize("loader", [load_run_config, load_allowlist], ids=["run-config", "allowlist"])
 @FUZZ
-@given(st.lists(TOML_PIECES | st.text(max_size=30), max_size=12))
-def test_the_config_loader_accepts_or_explains(pieces):
+@given(pieces=st.lists(TOML_PIECES | st.text(max_size=30), max_size=12))
+def test_a_toml_loader_accepts_or_explains(loader, pieces):
     path = _write("".join(pieces))
     try:
-        load_run_config(path)
-    except UserInputError:
-        pass
-    finally:
-        path.unlink()
-
-
-@FUZZ
-@given(st.lists(TOML_PIECES | st.text(max_size=30), max_size=12))
-def test_the_allowlist_loader_accepts_or_explains(pieces):
-    path = _write("".join(pieces))
-    try:
-        load_allowlist(path)
+        loader(path)
     except UserInputError:
         pass
     finally:

@@ -25,6 +25,15 @@ from dedloc.swarm.identity import Identity
 from .network import Host, LoopbackNetwork, Network
 
 
+TINY_MODEL = dict(
+    model={"embedding_size": 32, "hidden_size": 64, "intermediate_size": 128},
+    tokenizer={"vocab_size": 2000},
+    data={"seq_length": 64},
+)
+"""Run-config sections for a model a tenth of the embedded default's size: for scenarios and benchmarks
+that test how the swarm behaves, not what it learns (a step is then mostly matchmaking)."""
+
+
 @dataclass
 class LabNode:
     """One daemon on one host; :meth:`restart` starts it again with the same arguments."""

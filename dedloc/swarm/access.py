@@ -140,6 +140,13 @@ def access_request(identity: Identity, invite: Optional[str]) -> bytes:
     return MSGPackSerializer.dumps(dict(invite=invite, public_key=identity.public_key.to_bytes(), time=get_dht_time()))
 
 
+def clock_skew_message(skew: float) -> str:
+    """What a volunteer whose clock is ``skew`` seconds off the coordinator's (positive: ahead) is told."""
+    direction = "ahead of" if skew > 0 else "behind"
+    return (f"your clock is {abs(skew):.0f} s {direction} the coordinator's (more than the {CLOCK_TOLERANCE:.0f} s "
+            "the swarm tolerates): set it right (enable time synchronisation, e.g. NTP) and start again")
+
+
 def read_access_answer(data: bytes, coordinator_id: PeerID) -> AccessGrant:
     """Check the desk's answer; :class:`AccessRefused` with its message when it refused."""
     malformed = SwarmUnreachableError("the coordinator sent a malformed answer to the access request")
@@ -156,10 +163,7 @@ def read_access_answer(data: bytes, coordinator_id: PeerID) -> AccessGrant:
         raise SwarmUnreachableError("the access desk that answered is not the coordinator of the join address")
     skew = get_dht_time() - float(their_time)
     if abs(skew) > CLOCK_TOLERANCE:
-        direction = "ahead of" if skew > 0 else "behind"
-        raise AccessRefused(f"your clock is {abs(skew):.0f} s {direction} the coordinator's (more than the "
-                            f"{CLOCK_TOLERANCE:.0f} s the swarm tolerates): set it right (enable time "
-                            "synchronisation, e.g. NTP) and start again")
+        raise AccessRefused(clock_skew_message(skew))
     if answer.get("error") == "open":
         return AccessGrant(None, authority)
     if "error" in answer:
