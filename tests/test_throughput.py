@@ -1,0 +1,47 @@
+"""The throughput benchmark's smoke version, as CI runs it: 2 peers on 20 Mbit/s links, every system,
+a short window (``python -m bench.throughput``). It checks that the benchmark works and writes
+well-formed results, not the performance targets (those are in docs/performance.md). Needs root for
+the lab's namespaces; skipped with the reason elsewhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.throughput import SYSTEMS
+from dedloc.lab.network import LabUnavailable, Network
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(900)
+def test_throughput_bench_smoke(tmp_path):
+    try:
+        Network().close()
+    except LabUnavailable as e:
+        pytest.skip(f"network namespaces are not available here: {e}")
+    out = tmp_path / "throughput"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.throughput", "--peers", "2", "--warmup", "5", "--window", "20", "--repeats", "1",
+         "--small-model", "--target-batch", "64", "--seq-length", "64", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=840,
+    )
+    print(run.stdout)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    report = json.loads((out / "throughput.json").read_text())
+    assert report["peers"] == 2 and report["parameters"] > 0
+    runs = {run["system"]: run for run in report["runs"]}
+    assert set(runs) == set(SYSTEMS), runs
+    for system, result in runs.items():
+        assert result["error"] is None and result["samples_per_s"] > 0, result
+        assert result["peak_pss_mb"] > 50, result  # a torch process at least: the sampler saw the tree
+    # averaging systems send their gradients (and states) over the shaped links; the ideal one does not
+    assert runs["ideal"]["bytes_per_peer_per_step"] is None or runs["ideal"]["bytes_per_peer_per_step"] < 1e5, runs["ideal"]
+    for system in ("dedloc", "ddp"):
+        assert runs[system]["steps_in_window"] >= 1 and runs[system]["bytes_per_peer_per_step"] > 0.3 * report["parameters"], runs[system]
+    assert "| system | samples/s" in run.stdout
