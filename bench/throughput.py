@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dedloc.config import RunConfig, default_run_config
+from dedloc.errors import UserInputError
 from dedloc.lab.network import Host, LabUnavailable, Network
 from dedloc.lab.swarm import TINY_MODEL, LabSwarm
 from dedloc.lifecycle import ChildProcess, stop_all
@@ -116,26 +117,43 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def bench_config(target_batch: int, seq_length: int, small_model: bool, tokenizer_path: Optional[Path] = None) -> RunConfig:
-    sections = dict(TINY_MODEL) if small_model else {}
-    sections["data"] = {**sections.get("data", {}), "seq_length": seq_length}
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``SECTION.KEY=VALUE`` (the value as TOML reads it, else as a string) → (section, key, value)."""
+    import tomllib
+
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ValueError(f"{text!r} is not SECTION.KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key.strip(), value
+
+
+def bench_config(target_batch: int, seq_length: int, small_model: bool, tokenizer_path: Optional[Path] = None,
+                 overrides: tuple[tuple[str, str, object], ...] = ()) -> RunConfig:
+    sections: dict[str, dict] = {name: dict(values) for name, values in (TINY_MODEL if small_model else {}).items()}
+    sections.setdefault("training", {}).update(target_batch_size=target_batch, micro_batch_size=16, total_steps=100_000)
+    sections.setdefault("checkpoint", {}).update(every_steps=100_000, heldout_sequences=0)
+    sections.setdefault("data", {})["seq_length"] = seq_length
     if tokenizer_path is not None:
-        sections["tokenizer"] = {**sections.get("tokenizer", {}), "path": str(tokenizer_path)}
-    return default_run_config(
-        training={"target_batch_size": target_batch, "micro_batch_size": 16, "total_steps": 100_000},
-        checkpoint={"every_steps": 100_000, "heldout_sequences": 0},
-        **sections,
-    )
+        sections.setdefault("tokenizer", {})["path"] = str(tokenizer_path)
+    for section, key, value in overrides:
+        sections.setdefault(section, {})[key] = value
+    return default_run_config(**sections)
 
 
-def prepare(out: Path, target_batch: int, seq_length: int, small_model: bool) -> tuple[Path, int]:
+def prepare(out: Path, target_batch: int, seq_length: int, small_model: bool,
+            overrides: tuple[tuple[str, str, object], ...] = ()) -> tuple[Path, int]:
     """The run config every system trains (its tokenizer trained once, here) and its parameter count."""
     from dedloc.task.build import hf_tokenizer, prepare_tokenizer
     from dedloc.task.model import build_model, count_parameters
 
-    draft = bench_config(target_batch, seq_length, small_model)
+    draft = bench_config(target_batch, seq_length, small_model, overrides=overrides)
     tokenizer_json = prepare_tokenizer(draft, out / "tokenizer")
-    config = bench_config(target_batch, seq_length, small_model, out / "tokenizer" / "tokenizer.json")
+    config = bench_config(target_batch, seq_length, small_model, out / "tokenizer" / "tokenizer.json", overrides)
     path = out / "run.toml"
     path.write_text(config.to_toml(), encoding="utf-8")
     parameters = count_parameters(build_model(config.model, hf_tokenizer(config, tokenizer_json), seed=0))
@@ -251,7 +269,12 @@ def _start_dedloc(network: Network, config: Path, peers: int, up: Optional[float
         gone = [f"{node.name} exited with {node.poll()}" for node in [swarm.coordinator, *nodes] if node.poll() is not None]
         return "; ".join(gone) or None
 
-    return _Running([node.host for node in nodes], [node.pid for node in nodes], first_progress, measure, alive, swarm.close)
+    def stop() -> None:
+        for node in [*nodes, swarm.coordinator]:
+            node.power_off()  # measured already: nothing to shut down gracefully for
+        swarm.close()
+
+    return _Running([node.host for node in nodes], [node.pid for node in nodes], first_progress, measure, alive, stop)
 
 
 def _start_workers(network: Network, system: str, config: Path, peers: int, up: Optional[float], down: Optional[float],
@@ -289,7 +312,7 @@ def _start_workers(network: Network, system: str, config: Path, peers: int, up: 
         return "; ".join(gone) or None
 
     return _Running(hosts, [child.pid for child in children], first_progress, measure, alive,
-                    lambda: stop_all(children, grace=10.0))
+                    lambda: stop_all(children, grace=1.0))
 
 
 def run_system(system: str, config: Path, peers: int, up: Optional[float], down: Optional[float], warmup: float,
@@ -338,8 +361,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--target-batch", type=int, default=256)
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--small-model", action="store_true", help="a model a tenth of the default's size (smoke runs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change the run config, e.g. averaging.average_state_every=4 (repeatable; dedloc reads "
+                             "every section, the other systems the model, data and optimizer)")
     parser.add_argument("--out", type=Path, default=Path("throughput-results"))
     args = parser.parse_args(argv)
+    try:
+        overrides = tuple(parse_override(text) for text in args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = [name for name in systems if name not in SYSTEMS]
     if unknown or args.peers < 2 or args.repeats < 1 or args.window <= 0 or args.warmup < 0:
@@ -350,7 +380,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"the throughput benchmark needs network namespaces: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    config, parameters = prepare(args.out, args.target_batch, args.seq_length, args.small_model)
+    try:
+        config, parameters = prepare(args.out, args.target_batch, args.seq_length, args.small_model, overrides)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"error: the run config has no section {e}", file=sys.stderr)
+        return 2
     report = Report(args.peers, args.up_mbit, args.down_mbit, parameters, args.target_batch, args.seq_length,
                     args.warmup, args.window)
     for repeat in range(args.repeats):

@@ -27,7 +27,7 @@ def test_throughput_bench_smoke(tmp_path):
         pytest.skip(f"network namespaces are not available here: {e}")
     out = tmp_path / "throughput"
     run = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--peers", "2", "--warmup", "5", "--window", "20", "--repeats", "1",
+        [sys.executable, "-m", "bench.throughput", "--peers", "2", "--warmup", "3", "--window", "20", "--repeats", "1",
          "--small-model", "--target-batch", "64", "--seq-length", "64", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=840,
     )
