@@ -319,11 +319,14 @@ def run_system(system: str, config: Path, peers: int, up: Optional[float], down:
                window: float, workdir: Path) -> SystemRun:
     with Network() as network:
         began = time.time()
-        if system == "dedloc":
-            running = _start_dedloc(network, config, peers, up, down, workdir)
-        else:
-            running = _start_workers(network, system, config, peers, up, down, workdir,
-                                     seconds=STARTUP_TIMEOUT + warmup + window + 30)
+        try:
+            if system == "dedloc":
+                running = _start_dedloc(network, config, peers, up, down, workdir)
+            else:
+                running = _start_workers(network, system, config, peers, up, down, workdir,
+                                         seconds=STARTUP_TIMEOUT + warmup + window + 30)
+        except Exception as e:  # reported in the table; the other systems still run
+            return SystemRun(system, None, None, None, None, None, f"could not start: {e}".splitlines()[0][:300])
         sampler = MemorySampler(running.session_ids)
         sampler.start()
         try:

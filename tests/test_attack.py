@@ -32,7 +32,9 @@ def test_a_sign_flipping_peer_is_held_off_by_the_defences(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # undefended: the same attack does measurable harm (or the run never reaches a final checkpoint). In
     # 12 steps the clean run learns ~0.4 nats (7.6 → 7.2); undefended, the attack undid most of that
-    # (7.52, 1.044 × clean), while runs with defences land within ~0.04 of the clean one
+    # (0.31 … 0.85 above clean in three runs), while runs with defences landed 0.03 … 0.15 above it.
+    # Harm is judged against both: more than 0.1 nats (ten times the clean runs' spread) above the clean
+    # run and above the defended one
     harmed = off["heldout_loss"] is None or not math.isfinite(off["heldout_loss"]) or (
-        off["heldout_loss"] - clean["heldout_loss"] > max(0.1, 3 * (on["heldout_loss"] - clean["heldout_loss"])))
+        off["heldout_loss"] - clean["heldout_loss"] > 0.1 and off["heldout_loss"] - on["heldout_loss"] > 0.1)
     assert harmed, off
