@@ -140,12 +140,19 @@ def test_allowlist_commands(tmp_path):
         assert missing.returncode == 2 and "cannot read the allowlist" in missing.stderr, missing.stderr
 
 
-def _intrude(coordinator_dir: Path, join: list[str]) -> list[dict]:
-    """Run the plain-hivemind intruder against the run and a member; its JSON lines."""
+def _intrude(coordinator_dir: Path, join: list[str], members: list) -> list[dict]:
+    """Run the plain-hivemind intruder against the run and one of ``members`` (running peers); its JSON lines."""
     info = json.loads((coordinator_dir / "coordinator.json").read_text())
     prefix = swarm_prefix(info["run_id"], info["config_sha256"], info["tokenizer_sha256"])
-    member = wait_for(lambda: json.loads((coordinator_dir / "network.json").read_text()).get("peers"), 60,
-                      "the coordinator to note a member's address")[0]
+    ids = {m[1] for member in members for m in [re.search(r"joined the swarm as (\S+);", member.log_path.read_text())] if m}
+
+    def member_address():
+        # the coordinator notes the addresses of whatever it is connected to, which may include a
+        # refused volunteer that has gone since: only a running member's address will do
+        known = json.loads((coordinator_dir / "network.json").read_text()).get("peers", [])
+        return [maddr for maddr in known if maddr.rsplit("/p2p/", 1)[-1] in ids]
+
+    member = wait_for(member_address, 60, "the coordinator to note a member's address")[0]
     done = subprocess.run([sys.executable, str(TESTS / "intruder.py"), prefix, join[0], member],
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -180,7 +187,7 @@ def test_an_allowlisted_run_trains_keeps_intruders_out_and_revokes(tmp_path, pro
         assert "not on the allowlist" in refused.log_tail(5)
 
     wait_for(lambda: len(read_history(coordinator_dir)) >= 2, 240, "2 global steps", watch=members)
-    attempts = _intrude(coordinator_dir, join)
+    attempts = _intrude(coordinator_dir, join, [alice, bob])
     assert len(attempts) == 5, attempts
     assert not [a for a in attempts if a["outcome"] == "succeeded"], attempts
     for attempt in attempts[2:]:  # the averaging RPCs answer with the reason
@@ -227,7 +234,7 @@ def test_the_same_intruder_gets_into_an_open_run(tmp_path, procs):
     assert "this run is OPEN" in coordinator.log_path.read_text()
     peers = [procs.dedloc("peer", "--join", *join, "--workdir", str(tmp_path / f"p{i}"), name=f"peer-{i}") for i in (1, 2)]
     wait_for(lambda: len(read_history(coordinator_dir)) >= 2, 240, "2 global steps", watch=[coordinator, *peers])
-    attempts = {a["attempt"]: a for a in _intrude(coordinator_dir, join)}
+    attempts = {a["attempt"]: a for a in _intrude(coordinator_dir, join, peers)}
     assert attempts["no token: write a record"]["outcome"] == "succeeded", attempts
     assert attempts["no token: read the swarm's records"]["outcome"] == "succeeded", attempts
     assert attempts["download the state"]["outcome"] == "succeeded", attempts
