@@ -60,8 +60,10 @@ def read_swarm_status(options: StatusOptions, stop: GracefulExit) -> dict:
     dht = None
     try:
         # an open run answers anyone; a run with an allowlist only members (AccessRefused says why not)
+        # without an invite the desk gets a third of this (10 s by default, as for a peer): on a busy
+        # machine a shorter wait took a closed run for an open one, and the answer was "cannot reach"
         grant = ask_the_desk(identity, join.as_strings, join.coordinator_id, options.invite,
-                             timeout=max(1.0, options.timeout / 2))
+                             timeout=max(3.0, options.timeout * 1.5))
         dht = start_dht(
             identity, NetworkOptions(client_mode=True), initial_peers=join.as_strings,
             validators=[RSASignatureValidator()], startup_timeout=max(1.0, options.timeout - 5.0), stop=stop.requested,

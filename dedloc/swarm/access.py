@@ -447,6 +447,25 @@ class NotAdmitted(PermissionError):
     """Raised in an averaging RPC handler: the caller sees this message."""
 
 
+REFUSED_DRAIN_SECONDS = 2.0
+REFUSED_DRAIN_MESSAGES = 64
+
+
+async def _drain(stream: AsyncIterator, seconds: float, limit: int) -> None:
+    """Read and drop up to ``limit`` messages of ``stream`` within ``seconds`` (errors ignored)."""
+    async def read() -> None:
+        count = 0
+        async for _ in stream:
+            count += 1
+            if count >= limit:
+                return
+
+    try:
+        await asyncio.wait_for(read(), seconds)
+    except Exception:  # a timeout, or the caller's stream failing: the refusal is sent either way
+        pass
+
+
 class AdmittedPeersOnly:
     """Averager mixin: with an :class:`Admission` bound to the process, every averaging RPC from a peer
     without a valid access token is refused, and a round whose group holds such a peer is not run."""
@@ -472,7 +491,13 @@ class AdmittedPeersOnly:
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        await self._check_caller(context, "an averaging part")
+        try:
+            await self._check_caller(context, "an averaging part")
+        except NotAdmitted:
+            # a caller still writing its parts would see its stream broken (BrokenPipeError), not the
+            # reason: take what it sends first (bounded), then answer with the refusal
+            await _drain(stream, REFUSED_DRAIN_SECONDS, REFUSED_DRAIN_MESSAGES)
+            raise
         async for message in super().rpc_aggregate_part(stream, context):
             yield message
 
