@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    from subprocess import CompletedProcess
 
 from dedloc.config import default_run_config
 from dedloc.lifecycle import ChildProcess
@@ -52,3 +55,24 @@ def read_history(coordinator_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_lab_bench(module: str, args: list[str], timeout: float) -> "CompletedProcess":
+    """Run ``python -m bench.<module> ARGS`` from the repository root (skipped, with the reason, where the
+    swarm lab's namespaces cannot be made); prints its output and requires exit 0."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from dedloc.lab.network import LabUnavailable, Network
+
+    try:
+        Network().close()
+    except LabUnavailable as e:
+        pytest.skip(f"network namespaces are not available here: {e}")
+    run = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=timeout)
+    print(run.stdout)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return run

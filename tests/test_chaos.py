@@ -5,15 +5,11 @@ skipped with the reason elsewhere."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from dedloc.lab.network import LabUnavailable, Network
+from helpers import run_lab_bench
 
-ROOT = Path(__file__).resolve().parent.parent
 # Peers usually finish identical (1e-8 … 1e-11), but not always yet: rounds that a peer leaves
 # half-done are averaged again at the end (docs/reliability.md), yet a peer that is still catching up
 # when the run ends can miss the final round (1.4e-2 seen once). A peer that never caught up differs
@@ -24,18 +20,9 @@ MAX_DIVERGENCE = 0.05
 @pytest.mark.swarm
 @pytest.mark.timeout(900)
 def test_chaos_soak_short(tmp_path):
-    try:
-        Network().close()
-    except LabUnavailable as e:
-        pytest.skip(f"network namespaces are not available here: {e}")
     out = tmp_path / "chaos"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.chaos", "--peers", "4", "--minutes", "2", "--fault-every", "20",
-         "--no-baseline", "--out", str(out), "--max-divergence", str(MAX_DIVERGENCE)],
-        cwd=ROOT, capture_output=True, text=True, timeout=840,
-    )
-    print(run.stdout)
-    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    run_lab_bench("chaos", ["--peers", "4", "--minutes", "2", "--fault-every", "20",
+         "--no-baseline", "--out", str(out), "--max-divergence", str(MAX_DIVERGENCE)], timeout=840)
     [result] = json.loads((out / "chaos.json").read_text())
     assert len(result["faults"]) >= 3, result["faults"]
     assert {fault["kind"] for fault in result["faults"]} <= {"power_off", "crash", "cut"}

@@ -6,33 +6,20 @@ the lab's namespaces; skipped with the reason elsewhere."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from bench.throughput import SYSTEMS
-from dedloc.lab.network import LabUnavailable, Network
+from helpers import run_lab_bench
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.swarm
 @pytest.mark.timeout(900)
 def test_throughput_bench_smoke(tmp_path):
-    try:
-        Network().close()
-    except LabUnavailable as e:
-        pytest.skip(f"network namespaces are not available here: {e}")
     out = tmp_path / "throughput"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--peers", "2", "--warmup", "3", "--window", "20", "--repeats", "1",
-         "--small-model", "--target-batch", "64", "--seq-length", "64", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=840,
-    )
-    print(run.stdout)
-    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    run = run_lab_bench("throughput", ["--peers", "2", "--warmup", "3", "--window", "20", "--repeats", "1",
+         "--small-model", "--target-batch", "64", "--seq-length", "64", "--out", str(out)], timeout=840)
     report = json.loads((out / "throughput.json").read_text())
     assert report["peers"] == 2 and report["parameters"] > 0
     runs = {run["system"]: run for run in report["runs"]}
