@@ -176,7 +176,7 @@ class AveragingSection(_Section):
     or CenteredClip, which bounds how far any one sender can move the result (robust to a minority of
     peers sending poisoned gradients, at the cost of some bias when honest gradients disagree). Parts
     that are not finite or have the wrong shape are refused either way, and no peer's claimed weight
-    counts for more than the target batch."""
+    counts for more than the target batch (with CenteredClip, for more than the median claim)."""
     centered_clip_tau: Optional[float] = Field(None, gt=0)
     """CenteredClip's radius (L2 norm per part); unset: the median distance of the parts from their
     coordinate-wise median, so that it follows the gradients' scale."""

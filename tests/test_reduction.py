@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dedloc.swarm.optimizer import ReducerShares
-from dedloc.swarm.reduction import CheckedReduction, centered_clip
+from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,9 +28,41 @@ def test_centered_clip_is_the_mean_of_agreeing_parts_and_ignores_a_far_outlier()
         assert (mean - honest_mean).norm() > 100 * gradient.norm()  # the plain mean is wrecked
     # parts that agree (all within τ of the center) give their weighted mean
     agreeing = torch.stack([gradient, gradient + 0.01, gradient - 0.01])
-    w = torch.tensor([1.0, 2.0, 1.0])
+    w = torch.tensor([1.0, 2.0, 2.0])  # none above their median: not capped
     expected = (agreeing * (w / w.sum())[:, None]).sum(dim=0)
     assert torch.allclose(centered_clip(agreeing, w, tau=10.0), expected, atol=1e-5)
+
+
+def test_of_two_parts_neither_moves_the_result_further_than_the_other():
+    """No majority: each part is clipped to the smaller norm, so a sign flip × 1000 cancels the honest
+    part (a step of zero) where the mean reverses it 500-fold."""
+    torch.manual_seed(0)
+    gradient = torch.randn(1000)
+    for attack in (-1000 * gradient, 1000 * gradient.norm() * torch.nn.functional.normalize(torch.randn(1000), dim=0)):
+        parts = torch.stack([gradient, attack])
+        clipped = centered_clip(parts, torch.ones(2))
+        assert clipped.norm() <= gradient.norm() * 1.0001
+        assert parts.mean(dim=0).norm() > 400 * gradient.norm()
+    assert float(centered_clip(torch.stack([gradient, -1000 * gradient]), torch.ones(2)).norm()) < 1e-3
+    # two honest parts of similar size: close to their mean
+    other = gradient + 0.05 * torch.randn(1000)
+    both = torch.stack([gradient, other])
+    assert (centered_clip(both, torch.ones(2)) - both.mean(dim=0)).norm() < 0.05 * gradient.norm()
+
+
+def test_no_sender_outweighs_the_median_claim():
+    assert robust_weights(torch.tensor([16.0, 16.0, 16.0, 1000.0])).tolist() == [16.0] * 4
+    assert robust_weights(torch.tensor([16.0, 64.0])).tolist() == [16.0, 16.0]
+    assert robust_weights(torch.tensor([0.0, 16.0, 32.0])).tolist() == [0.0, 16.0, 16.0]
+    # an attacker far away claiming 10 × the others' weight still pulls by at most τ/4 (uncapped, it drags the center ~10 τ)
+    torch.manual_seed(1)
+    gradient = torch.randn(1000)
+    honest = torch.stack([gradient + 0.1 * torch.randn(1000) for _ in range(3)])
+    parts = torch.cat([honest, (-1000 * gradient)[None]])
+    clipped = centered_clip(parts, torch.tensor([1.0, 1.0, 1.0, 10.0]))
+    assert (clipped - honest.mean(dim=0)).norm() < 0.5 * gradient.norm()
+    # a sender with nothing accumulated (weight 0) leaves the other's part as it is
+    assert torch.equal(centered_clip(torch.stack([gradient, torch.zeros(1000)]), torch.tensor([1.0, 0.0])), gradient)
 
 
 class _Averager(CheckedReduction, ReducerShares, hivemind.averaging.DecentralizedAverager):

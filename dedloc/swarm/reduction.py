@@ -10,7 +10,8 @@ claims. :class:`CheckedPartReducer` instead
   fails);
 - counts a claimed weight above ``max_weight`` as ``max_weight``;
 - combines the parts by their weighted mean (``"mean"``, hivemind's arithmetic) or by
-  :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result.
+  :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result
+  (and how much weight it carries).
 
 Averagers take it in with :class:`CheckedReduction`.
 """
@@ -36,21 +37,43 @@ Aggregation = Literal["mean", "centered_clip"]
 CLIP_ITERATIONS = 20
 
 
+def robust_weights(weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` with each capped at their (lower) median — with two senders, at the smaller one —
+    so that no sender outweighs the others by claiming a bigger batch than theirs."""
+    weights = weights.float()
+    positive = weights[weights > 0]
+    return weights.clamp(max=float(positive.median())) if len(positive) else weights
+
+
 def centered_clip(parts: torch.Tensor, weights: torch.Tensor, tau: Optional[float] = None,
                   iterations: int = CLIP_ITERATIONS) -> torch.Tensor:
     """CenteredClip (Karimireddy et al., 2021; the aggregation of BTARD, Gorbunov et al., 2022) of
-    ``parts`` (one row per sender) with ``weights``: start at the coordinate-wise median, then move
-    the center by the weighted mean of each part's difference from it, every difference clipped to L2
-    norm ``tau``. Parts within ``tau`` of the result count fully, as in the mean; one further away
-    pulls by ``tau`` at most, whatever its size.
+    ``parts`` (one row per sender) with ``weights`` (capped by :func:`robust_weights`): start at the
+    coordinate-wise median, then move the center by the weighted mean of each part's difference from
+    it, every difference clipped to L2 norm ``tau``. Parts within ``tau`` of the result count fully, as
+    in the mean; one further away pulls by ``tau`` at most, whatever its size.
 
     ``tau=None``: the median distance of the parts from the coordinate-wise median — a scale that
-    senders in the minority cannot move. (Two parts have no majority: :class:`CheckedPartReducer`
-    takes their weighted mean.)
+    senders in the minority cannot move.
+
+    Two parts have no majority (their median is their mean, and either could be the bad one): each is
+    clipped to the smaller one's L2 norm and the two are averaged, so neither moves the result further
+    than the other can. A sign flip × 1000 then cancels the honest part instead of reversing it.
     """
-    parts = parts.float()
-    weights = weights.float() / weights.sum()
-    center = parts.quantile(0.5, dim=0) if parts.shape[0] > 1 else parts[0].clone()
+    parts, weights = parts.float(), weights.float()
+    if bool((weights > 0).any()):  # a sender with nothing accumulated moves neither median nor norms
+        parts, weights = parts[weights > 0], weights[weights > 0]
+    else:
+        weights = torch.ones_like(weights)
+    weights = robust_weights(weights)
+    weights = weights / weights.sum()
+    if parts.shape[0] == 1:
+        return parts[0].clone()
+    if parts.shape[0] == 2:
+        norms = parts.norm(dim=1)
+        scale = (norms.min() / norms.clamp_min(1e-12)).clamp(max=1.0)
+        return (parts * (weights * scale)[:, None]).sum(dim=0)
+    center = parts.quantile(0.5, dim=0)
     if tau is None:
         tau = float((parts - center).norm(dim=1).quantile(0.5))
     if tau <= 0:
@@ -83,7 +106,7 @@ class _PartCollector:
         if not self.parts:  # every sender failed: nobody is left to receive the result
             return torch.zeros(self.shape)
         parts, weights = torch.stack(self.parts), torch.tensor(self.weights)
-        if self.aggregation == "centered_clip" and len(self.parts) > 2:
+        if self.aggregation == "centered_clip" and len(self.parts) > 1:
             return centered_clip(parts, weights, self.tau)
         return (parts * (weights / denominator)[:, None]).sum(dim=0)
 
