@@ -60,19 +60,20 @@ def lab(request, tmp_path):
     swarm = None
     try:
         def start(peers: int, total_steps: int, coordinator_env: Optional[dict] = None,
-                  peer_env: Optional[dict[str, dict]] = None, small_model: bool = True) -> LabSwarm:
+                  peer_env: Optional[dict[str, dict]] = None, small_model: bool = True,
+                  checkpoint_every: int = 2) -> LabSwarm:
             nonlocal swarm
             config = small_run_config(
                 tmp_path / "run.toml",
                 training={"total_steps": total_steps, "min_peers": peers},
                 averaging={"averaging_timeout": AVERAGING_TIMEOUT},
+                checkpoint={"every_steps": checkpoint_every},
                 # the scenarios test how the swarm weathers faults, not what it learns (and CI time)
                 **(TINY_MODEL if small_model else {}),
             )
-            # open runs: with the allowlist on (LabSwarm(allowlist=True)) these scenarios failed in 3 of 4
-            # clean-clone CI runs (rounds left half-done under the admission checks' DHT reads on this
-            # 2-core machine; docs/security.md, not done). The allowlist's own end-to-end test is in test_access.py
-            swarm = LabSwarm(network, tmp_path / "lab", config)
+            # allowlisted, as a public run is: every peer holds an invite and the averagers check the
+            # caller of every RPC (the allowlist's own end-to-end test is in test_access.py)
+            swarm = LabSwarm(network, tmp_path / "lab", config, allowlist=True)
             swarm.start_coordinator(up_mbit=20, down_mbit=50, env=coordinator_env)
             for index in range(1, peers + 1):
                 name = f"peer-{index}"
@@ -197,7 +198,10 @@ def test_a_cut_off_peer_resynchronises(lab):
     # rule rather than the exception. The others take ~12 steps during the outage; catching up takes the cut-off
     # peer 3 more (download, a round sat out, a round received), so it trains for a few steps before the end
     total_steps = 20
-    swarm = lab(peers=3, total_steps=total_steps, small_model=False)
+    # checkpoints every 5 steps (the default is 10): each one is a state download from a peer, and with
+    # the default model on a 20 Mbit/s uplink the donor's own round then took 9 s instead of ~3 s once,
+    # putting it a phase behind while peer-3 caught up (docs/reliability.md, open defects)
+    swarm = lab(peers=3, total_steps=total_steps, small_model=False, checkpoint_every=5)
     if isinstance(swarm.network, LoopbackNetwork):
         pytest.skip("cutting a link needs network namespaces (root); loopback processes cannot be cut off")
     cut_off, others = swarm.peers["peer-3"], [swarm.peers["peer-1"], swarm.peers["peer-2"]]

@@ -386,6 +386,7 @@ class Admission:
         self._read_at = -1e9
         self._refusals: set[PeerID] = set()
         self._lock: Optional[asyncio.Lock] = None
+        self._refresh: Optional[asyncio.Task] = None
 
     def bind_to_process(self) -> None:
         Admission._process_wide = self
@@ -395,14 +396,23 @@ class Admission:
         return cls._process_wide
 
     async def problem(self, dht: hivemind.DHT, peer_id: PeerID) -> Optional[str]:
-        """Why ``peer_id`` may not take part in averaging now (None: it may)."""
+        """Why ``peer_id`` may not take part in averaging now (None: it may).
+
+        A member known from the last read is answered from it at once: these checks run inside
+        averaging RPCs, whose callers give up after the sender timeout, so the periodic re-read
+        (every ``MEMBERS_REFRESH`` s, for revocations) runs in the background. Only a peer that is
+        not a member, or whose token has expired, since the last read waits for a fresh read (at
+        most one a second): a newcomer has just published its token, a member just refreshed it.
+        """
         if peer_id == self.coordinator_id:
             return None
         member = self._members.get(peer_id)
-        stale = time.monotonic() - self._read_at > MEMBERS_REFRESH
-        if stale or (member is None and time.monotonic() - self._read_at > 1.0):
-            await self._read(dht)
-            member = self._members.get(peer_id)
+        if member is None or member.expires_at <= get_dht_time():
+            if time.monotonic() - self._read_at > 1.0:
+                await self._read(dht)
+                member = self._members.get(peer_id)
+        elif time.monotonic() - self._read_at > MEMBERS_REFRESH and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self._read(dht))
         if member is None:
             return "no access token"
         if member.expires_at <= get_dht_time():
