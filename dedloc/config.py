@@ -165,10 +165,6 @@ class AveragingSection(_Section):
     """Also average the optimizer's statistics (Adam's moments and step count) with the parameters, so
     that a newcomer's older moments, or those of a peer that missed a round, are brought level too.
     State averaging then carries three times the numbers (see docs/reliability.md for what it gave)."""
-    delayed_updates: bool = False
-    """Overlap each global step's gradient averaging and optimizer step with the next step's compute
-    (hivemind's delayed parameter updates): a peer computes its next gradients on parameters one
-    update old. Off by default until the fault scenarios hold with it (docs/performance.md)."""
     grad_compression: Compression = "fp16"
     """Compression of gradients on the wire."""
     state_compression: Compression = "none"

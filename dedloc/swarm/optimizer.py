@@ -475,9 +475,6 @@ def build_optimizer(
             # state downloads
             next_chunk_timeout=averaging.download_chunk_timeout,
             average_state_every=averaging.average_state_every,
-            # hivemind offloads the optimizer already (params given): the delayed modes need no more
-            delay_optimizer_step=averaging.delayed_updates,
-            delay_grad_averaging=averaging.delayed_updates,
             average_opt_statistics=OPTIMIZER_STATISTICS if averaging.average_optimizer_state else (),
             grad_compression=make_compression(averaging.grad_compression),
             state_averaging_compression=make_compression(averaging.state_compression),
