@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from bench.baselines import _rendezvous_peers
+from bench.throughput import read_jsonl, sent_bytes
 from dedloc.lab.network import LabUnavailable, Network
 from dedloc.lifecycle import ChildProcess, stop_all
 
@@ -54,14 +56,6 @@ ROUND_TIMEOUT = 300.0
 def _record(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as file:
         file.write(json.dumps(row) + "\n")
-
-
-def _wait_for_file(path: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path.name} did not appear")
-        time.sleep(0.1)
 
 
 def _barrier(rendezvous: Path, name: str, rank: int, world: int, timeout: float = ROUND_TIMEOUT) -> None:
@@ -88,15 +82,11 @@ def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, par
 
     # probing the local network (UPnP/NAT-PMP, AutoNAT) is off, as everywhere in dedloc's tests and benches
     network = dict(host_maddrs=[f"/ip4/{address}/tcp/0"], nat_port_map=False, auto_nat=False)
-    maddrs = rendezvous / "initial_peers.json"
     if rank == 0:
         dht = hivemind.DHT(start=True, **network)
-        tmp = maddrs.with_suffix(".tmp")
-        tmp.write_text(json.dumps([str(maddr) for maddr in dht.get_visible_maddrs()]))
-        os.replace(tmp, maddrs)
+        _rendezvous_peers(rendezvous, 0, [str(maddr) for maddr in dht.get_visible_maddrs()])
     else:
-        _wait_for_file(maddrs)
-        dht = hivemind.DHT(initial_peers=json.loads(maddrs.read_text()), start=True, **network)
+        dht = hivemind.DHT(initial_peers=_rendezvous_peers(rendezvous, rank, []), start=True, **network)
     torch.manual_seed(rank)
     averager = BenchAverager(
         [torch.randn(params)], dht=dht, prefix=PREFIX, target_group_size=world, min_matchmaking_time=2.0,
@@ -172,10 +162,6 @@ def bound_seconds(peers: int, params: int, compression: str, up_mbit: float) -> 
     return bound_bytes(peers, params, compression) * 8 / (up_mbit * 1e6)
 
 
-def _sent(link: str) -> int:
-    return int(Path(f"/sys/class/net/{link}/statistics/rx_bytes").read_text())
-
-
 def measure(system: str, peers: int, params: int, compression: str, rounds: int, up_mbit: float,
             down_mbit: float, workdir: Path) -> Measurement:
     """One system at one peer count: ``rounds`` counted rounds after a warm-up round."""
@@ -200,11 +186,11 @@ def measure(system: str, peers: int, params: int, compression: str, rounds: int,
             counted_from: Optional[list[int]] = None
             deadline = time.monotonic() + 120.0 + (rounds + 1) * ROUND_TIMEOUT
             while True:
-                rows = _rows(rows_path)
+                rows = read_jsonl(rows_path)
                 if counted_from is None and sum(1 for row in rows if row["round"] == 0) == peers:
-                    counted_from = [_sent(host.link) for host in hosts]  # after the warm-up round
+                    counted_from = [sent_bytes(host) for host in hosts]  # after the warm-up round
                 if sum(1 for row in rows if row["round"] == rounds) == peers:
-                    sent = [_sent(host.link) - before for host, before in zip(hosts, counted_from or [0] * peers)]
+                    sent = [sent_bytes(host) - before for host, before in zip(hosts, counted_from or [0] * peers)]
                     break
                 gone = [f"{child.name} exited with {child.poll()}: {child.log_tail(3)}"
                         for child in children if child.poll() not in (None, 0)]
@@ -224,19 +210,6 @@ def measure(system: str, peers: int, params: int, compression: str, rounds: int,
             result.matchmaking_s.append(max(row["grouped"] for row in members) - min(row["began"] for row in members))
     result.bytes_per_round = statistics.fmean(sent) / rounds
     return result
-
-
-def _rows(path: Path) -> list[dict]:
-    rows = []
-    try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass  # a line being written
-    except OSError:
-        pass
-    return rows
 
 
 def _median(values: list[float]) -> Optional[float]:

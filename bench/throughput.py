@@ -218,7 +218,8 @@ def _at(points: list[tuple[float, float]], t: float) -> float:
     return points[-1][1]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON lines of ``path`` so far (a line still being written, or a missing file, is skipped)."""
     rows = []
     try:
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -256,11 +257,11 @@ def _start_dedloc(network: Network, config: Path, peers: int, up: Optional[float
     history = swarm.coordinator_dir / "history.jsonl"
 
     def first_progress() -> Optional[float]:
-        rows = _read_jsonl(history)
+        rows = read_jsonl(history)
         return rows[0]["time"] if rows else None
 
     def measure(start: float, end: float):
-        rows = [row for row in _read_jsonl(history) if start <= row["time"] <= end]
+        rows = [row for row in read_jsonl(history) if start <= row["time"] <= end]
         if len(rows) < 2:
             return None, len(rows)
         return (rows[-1]["samples"] - rows[0]["samples"]) / (rows[-1]["time"] - rows[0]["time"]), rows[-1]["step"] - rows[0]["step"]
@@ -296,10 +297,10 @@ def _start_workers(network: Network, system: str, config: Path, peers: int, up: 
                                      cwd=Path(__file__).resolve().parent.parent))
 
     def points(path: Path, key: str) -> list[tuple[float, float]]:
-        return [(row["t"], row[key]) for row in _read_jsonl(path)]
+        return [(row["t"], row[key]) for row in read_jsonl(path)]
 
     def first_progress() -> Optional[float]:
-        firsts = [rows[0]["t"] for rows in map(_read_jsonl, progress) if rows]
+        firsts = [rows[0]["t"] for rows in map(read_jsonl, progress) if rows]
         return max(firsts) if len(firsts) == len(progress) else None  # every process computing
 
     def measure(start: float, end: float):
