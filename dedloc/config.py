@@ -193,11 +193,35 @@ class CheckpointSection(_Section):
     """Held-out sequences the coordinator evaluates every checkpoint on (0: no held-out evaluation)."""
 
 
+class DilocoSection(_Section):
+    """The outer optimizer of DiLoCo mode (``mode = "diloco"``)."""
+
+    outer_lr: float = Field(0.7, gt=0)
+    """Learning rate of the outer step, applied to the swarm's averaged pseudo-gradient (the distance the
+    peers' parameters moved since the last outer step)."""
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    """Momentum of the outer step (0: none)."""
+    nesterov: bool = True
+    """Nesterov momentum (DiLoCo's choice); needs ``outer_momentum`` > 0."""
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "DilocoSection":
+        if self.nesterov and self.outer_momentum == 0:
+            raise ValueError("nesterov needs outer_momentum > 0")
+        return self
+
+
 class RunConfig(_Section):
     """One training run. Load it with :func:`load_run_config`; the TOML layout mirrors the fields."""
 
     run_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     """Name of the run (letters, digits, ``-`` and ``_``); peers of different runs on one DHT never mix."""
+    mode: Literal["synchronous", "diloco"] = "synchronous"
+    """``synchronous``: the swarm averages gradients once it has the target batch and every peer takes the
+    same optimizer step (large-batch training). ``diloco``: every peer steps its own optimizer on every
+    micro-batch (``optimizer`` is the inner optimizer); once the swarm has computed the target batch, peers
+    average their parameters and take DiLoCo's outer step (section ``diloco``) — one all-reduce per
+    ``training.target_batch_size`` samples, so set it several times larger than in synchronous mode."""
     model: ModelSection = ModelSection()
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection = DataSection()
@@ -205,6 +229,7 @@ class RunConfig(_Section):
     optimizer: OptimizerSection = OptimizerSection()
     averaging: AveragingSection = AveragingSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    diloco: DilocoSection = DilocoSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

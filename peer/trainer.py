@@ -425,7 +425,7 @@ class PeerTrainer:
         """Cut off from the swarm: train no further (what this peer would compute alone is lost anyway),
         and offer nobody this peer's state; once back in touch, take the swarm's state if other peers
         trained meanwhile. Gradients accumulated before the outage are dropped with the download."""
-        for averager in (self.opt.state_averager, self.opt.grad_averager):
+        for averager in self.averagers():
             averager.state_sharing_priority = -1.0
         while self.contact.lost.is_set() and not self.stop.is_set() and not self.run_finished():
             self.stop.wait(0.5)
@@ -436,7 +436,7 @@ class PeerTrainer:
         others = online_peers(records.values(), exclude=self.peer_id)
         if not others:
             logger.info(f"no other peer trained while this one was cut off: continuing from step {self.opt.local_epoch}")
-            for averager in (self.opt.state_averager, self.opt.grad_averager):
+            for averager in self.averagers():
                 averager.state_sharing_priority = self.opt.local_epoch
             return
         swarm_step = max(m.step for m in others)
@@ -445,6 +445,11 @@ class PeerTrainer:
             "(gradients accumulated before the outage are dropped)"
         )
         self.catch_up(swarm_step)
+
+    def averagers(self) -> list:
+        """The optimizer's averagers that serve state: the state averager, and the gradient averager
+        except in DiLoCo mode (which has none)."""
+        return [a for a in (self.opt.state_averager, self.opt.grad_averager) if a is not None]
 
     def catch_up(self, swarm_step: int, attempts: int = 6) -> None:
         """Download the swarm's state until this peer is at ``swarm_step`` or later, retrying with backoff.
@@ -465,9 +470,10 @@ class PeerTrainer:
             logger.info(f"no donor could serve step {swarm_step} yet (try {attempt} of {attempts}); retrying in {delay:.0f} s")
             self.stop.wait(delay)
             delay = min(delay * 2, 16.0)
+        accumulated = self.opt.tracker.local_progress.samples_accumulated
         logger.info(
             f"state downloaded in {time.monotonic() - started:.1f} s: now at step {self.opt.local_epoch}, "
-            f"{self.opt.grad_averager.local_samples_accumulated} samples accumulated"
+            f"{accumulated} samples accumulated"
         )
 
     def final_sync(self) -> None:

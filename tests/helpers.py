@@ -22,8 +22,11 @@ def small_run_config(path: Path, **overrides) -> Path:
         optimizer={"lr": 3e-3, "warmup_steps": 1},
         checkpoint={"every_steps": 2, "keep_last": 2},
     )
-    for section, fields in overrides.items():
-        sections.setdefault(section, {}).update(fields)
+    for name, value in overrides.items():  # a section's fields, or a top-level value (``mode="diloco"``)
+        if isinstance(value, dict):
+            sections.setdefault(name, {}).update(value)
+        else:
+            sections[name] = value
     config = default_run_config(**sections)
     path.write_text(config.to_toml(), encoding="utf-8")
     return path

@@ -22,16 +22,20 @@ def _final_state(peer_dir):
 
 
 @pytest.mark.parametrize(
-    "compression, tolerance",
+    "overrides, tolerance",
     [
         # hivemind applies averages as deltas (x + (avg - x)), so even without compression two peers
         # agree up to float32 rounding, not bit for bit.
-        ("none", dict(rtol=1e-5, atol=1e-6)),
-        ("fp16", dict(rtol=1e-3, atol=1e-4)),
+        (dict(averaging={"grad_compression": "none"}), dict(rtol=1e-5, atol=1e-6)),
+        (dict(averaging={"grad_compression": "fp16"}), dict(rtol=1e-3, atol=1e-4)),
+        # local optimizer steps on every micro-batch; each global step averages the parameters (no
+        # compression) and applies the same outer step on both peers
+        (dict(mode="diloco"), dict(rtol=1e-5, atol=1e-6)),
     ],
+    ids=["sync-fp32", "sync-fp16", "diloco"],
 )
-def test_two_peers_train_together(tmp_path, procs, compression, tolerance):
-    config = small_run_config(tmp_path / "run.toml", averaging={"grad_compression": compression})
+def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
+    config = small_run_config(tmp_path / "run.toml", **overrides)
     coordinator_dir = tmp_path / "coordinator"
     coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(coordinator_dir))
     join = join_addresses(coordinator_dir, coordinator)
@@ -51,6 +55,10 @@ def test_two_peers_train_together(tmp_path, procs, compression, tolerance):
         assert child.poll() == 0, f"{child.name} exited with {child.poll()}:\n{child.log_tail(30)}"
     for child in [coordinator, *peers]:
         assert "Traceback" not in child.log_path.read_text(), f"{child.name} logged a traceback"
+    if overrides.get("mode") == "diloco":
+        for peer in peers:  # an outer step at each of the 6 global steps (alone, on its own parameters)
+            outer_steps = [line for line in peer.log_path.read_text().splitlines() if "outer step to step" in line]
+            assert len(outer_steps) >= 6, f"{peer.name} took {len(outer_steps)} outer steps:\n{peer.log_tail(30)}"
 
     # both peers reached the same global step, and their parameters agree
     (step_1, params_1), (step_2, params_2) = (_final_state(tmp_path / "peer-1"), _final_state(tmp_path / "peer-2"))

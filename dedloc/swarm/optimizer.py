@@ -1,7 +1,8 @@
 """Building hivemind's optimizer and state averager from the run config.
 
 Peers train with :func:`build_optimizer` (a ``hivemind.Optimizer``: local accumulation toward the
-swarm's target batch, then gradient all-reduce and a synchronous optimizer step). The coordinator
+swarm's target batch, then gradient all-reduce and a synchronous optimizer step; in DiLoCo mode, local
+optimizer steps and a parameter all-reduce with an outer step per target batch). The coordinator
 uses :func:`build_state_reader` to download the shared state (parameters, optimizer statistics,
 global step) for checkpoints, without ever training or taking part in averaging.
 """
@@ -36,6 +37,7 @@ from dedloc.config import Compression, RunConfig
 from dedloc.faults import active_attack, fault_point, poison
 from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
+from dedloc.swarm.diloco import OuterStep
 from dedloc.swarm.reduction import CheckedReduction
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
@@ -276,6 +278,10 @@ class SwarmOptimizer(hivemind.Optimizer):
     takes the swarm's step and receives the next state average without contributing until then, so a
     peer whose download takes longer than a step still catches up. :attr:`samples_accumulated_total`
     counts the samples this peer accumulated toward the swarm's batches.
+
+    In DiLoCo mode (:attr:`outer` set; hivemind's ``use_local_updates``: no gradient averager, the
+    optimizer steps on every micro-batch) each global step averages the parameters and then applies
+    :class:`OuterStep`; a downloaded state restarts the outer step from the parameters received.
     """
 
     solo_steps = 0
@@ -283,7 +289,24 @@ class SwarmOptimizer(hivemind.Optimizer):
     _downloaded_epoch: Optional[int] = None  # step of the state last downloaded, until this peer contributes
     _sitting_out: Optional[int] = None  # a step taken from the swarm whose averaging rounds this peer sits out
     last_step: Optional[int] = None  # the run's last step, set by the trainer: no round begins there or past it
+    outer: Optional[OuterStep] = None  # DiLoCo mode's outer step
+    _downloaded_now = False  # a state download happened inside the current step() call
     state_averager: CheckedStateAverager
+    grad_averager: Optional[ReportingGradientAverager]  # None in DiLoCo mode
+
+    def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
+        if self.grad_averager is not None:
+            return super().step(closure, batch_size, grad_scaler)
+        # DiLoCo mode: hivemind reports every micro-batch as accumulated, except when the step found this
+        # peer out of sync (it downloads the state instead); samples computed on a state that waits for a
+        # state average to bring it level are not this peer's contribution either
+        self._downloaded_now = False
+        counted = not self.state_averager.receiving and self._sitting_out is None
+        loss = super().step(closure, batch_size, grad_scaler)
+        if counted and not self._downloaded_now:
+            self.samples_accumulated_total += batch_size if batch_size is not None else self.batch_size_per_step
+            self._downloaded_epoch = None
+        return loss
 
     def _make_state_averager(self, **kwargs) -> CheckedStateAverager:
         # hivemind.Optimizer's own wiring, with the checked averager class
@@ -326,13 +349,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         swarm stepped while the state was on its way, this peer takes the swarm's step instead of
         downloading again and again (see :meth:`_take_swarm_step`) — here, when hivemind already took
         it (one step behind), or at the next check, when the progress records show it."""
+        self._downloaded_now = True
         super().load_state_from_peers(**kwargs)
         downloaded = self.state_averager.downloaded_epoch
         if downloaded is None:
             return
         self._downloaded_epoch = downloaded
         self._sitting_out = None  # whatever was sat out before, this state is new
-        self.grad_averager.rejoined()
+        if self.grad_averager is not None:
+            self.grad_averager.rejoined()
+        if self.outer is not None:
+            self.outer.restart()
         if downloaded < self.local_epoch:
             self._take_swarm_step(self.local_epoch, downloaded)
         elif self.tracker.global_progress.num_peers > 1 and self.tracker.ready_to_update_epoch:
@@ -379,7 +406,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.tracker.report_local_progress(local_epoch=swarm_step, samples_accumulated=0)
         if not self.client_mode:
             self.state_averager.state_sharing_priority = held_step
-            self.grad_averager.state_sharing_priority = held_step
+            if self.grad_averager is not None:
+                self.grad_averager.state_sharing_priority = held_step
 
     def _update_global_epoch(self, grad_scaler) -> None:
         if self._sitting_out == self.local_epoch and self.tracker.global_progress.num_peers > 1:
@@ -389,7 +417,11 @@ class SwarmOptimizer(hivemind.Optimizer):
             # is due, and one begun now would find nobody and step past the end alone
             return
         self._sitting_out = None
+        held_step = self.local_epoch
         super()._update_global_epoch(grad_scaler)
+        if self.outer is not None and self.local_epoch > held_step:
+            moved = self.outer.step()
+            logger.info(f"outer step to step {self.local_epoch}: pseudo-gradient norm {moved:.4f}")
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         if self._sitting_out is None:  # a scheduled round that this peer would never trigger stalls the others
@@ -459,8 +491,27 @@ def build_optimizer(
     }
     if averaging.target_group_size is not None:
         averager_opts["target_group_size"] = averaging.target_group_size
+    if config.mode == "diloco":
+        mode_opts = dict(
+            # every micro-batch steps the (inner) optimizer; each global step averages the parameters,
+            # synchronously, so that the outer step follows on the average
+            use_local_updates=True,
+            delay_state_averaging=False,
+            average_state_every=1,
+        )
+    else:
+        mode_opts = dict(
+            average_state_every=averaging.average_state_every,
+            grad_averager_factory=partial(
+                ReportingGradientAverager,
+                aggregation=averaging.aggregation,
+                clip_tau=averaging.centered_clip_tau,
+                max_weight=float(config.training.target_batch_size),  # a round's weight is its samples
+                **averager_opts,
+            ),
+        )
     with _keeping_sigint_handler():
-        return SwarmOptimizer(
+        optimizer = SwarmOptimizer(
             dht=dht,
             run_id=prefix,
             target_batch_size=config.training.target_batch_size,
@@ -474,7 +525,6 @@ def build_optimizer(
             # hivemind defaults this to matchmaking_time (2 s): a donor busy on a home uplink then fails
             # state downloads
             next_chunk_timeout=averaging.download_chunk_timeout,
-            average_state_every=averaging.average_state_every,
             average_opt_statistics=OPTIMIZER_STATISTICS if averaging.average_optimizer_state else (),
             grad_compression=make_compression(averaging.grad_compression),
             state_averaging_compression=make_compression(averaging.state_compression),
@@ -482,15 +532,12 @@ def build_optimizer(
             # a frozen peer stops refreshing its progress record: it leaves hivemind's count (and its
             # samples the target batch) once the record expires, as it leaves dedloc's metrics count
             tracker_opts={"metadata_expiration": ONLINE_WINDOW},
-            grad_averager_factory=partial(
-                ReportingGradientAverager,
-                aggregation=averaging.aggregation,
-                clip_tau=averaging.centered_clip_tau,
-                max_weight=float(config.training.target_batch_size),  # a round's weight is its samples
-                **averager_opts,
-            ),
             verbose=verbose,
+            **mode_opts,
         )
+    if config.mode == "diloco":
+        optimizer.outer = OuterStep(model.parameters(), config.diloco)
+    return optimizer
 
 
 class _ReaderStateAverager(AdmittedPeersOnly, TrainingStateAverager):

@@ -162,6 +162,9 @@ class CheckedAllReduceRunner(AllReduceRunner):
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
                  clip_tau: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # hivemind's own reducer, replaced before it saw any part, would warn "Reducer: received 0.0% of
+        # input tensors" when garbage-collected (its __del__ finalizes it): marked finished, it stays quiet
+        self.tensor_part_reducer.finished.set()
         self.tensor_part_reducer = CheckedPartReducer(
             self.tensor_part_reducer.part_shapes,
             self.tensor_part_reducer.num_senders,
