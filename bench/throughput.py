@@ -3,7 +3,7 @@ shaped home-internet links.
 
     python -m bench.throughput [--peers 4] [--up-mbit 20] [--down-mbit 50] [--systems ideal,dedloc,...]
                                [--warmup 60] [--window 120] [--repeats 3] [--target-batch 256]
-                               [--seq-length 128] [--small-model] [--out throughput-results]
+                               [--seq-length 128] [--diloco-batch 2048] [--small-model] [--out throughput-results]
 
 Every system runs the same workload — the embedded default run (model, data, optimizer) with the given
 sequence length and target global batch — on ``--peers`` processes, each in its own network namespace
@@ -11,6 +11,8 @@ with a tbf-shaped uplink and downlink (the swarm lab; needs root), one system af
 
 - ``ideal``: each process trains alone, no averaging (the compute ceiling);
 - ``dedloc``: a coordinator and ``dedloc peer`` daemons with the run config's defaults;
+- ``dedloc-diloco``: the same in DiLoCo mode (``mode = "diloco"``: local optimizer steps, a parameter
+  all-reduce and an outer step every ``--diloco-batch`` samples; its "global steps" are outer steps);
 - ``hivemind-defaults`` / ``hivemind-example``: ``hivemind.Optimizer`` wired by hand, with the library's
   defaults / with the settings of hivemind's collaborative ALBERT example (see :mod:`bench.baselines`);
 - ``ddp``: torch DDP over gloo, one all-reduce per global batch.
@@ -42,7 +44,7 @@ from dedloc.lab.network import Host, LabUnavailable, Network
 from dedloc.lab.swarm import TINY_MODEL, LabSwarm
 from dedloc.lifecycle import ChildProcess, stop_all
 
-SYSTEMS = ("ideal", "dedloc", "hivemind-defaults", "hivemind-example", "ddp")
+SYSTEMS = ("ideal", "dedloc", "dedloc-diloco", "hivemind-defaults", "hivemind-example", "ddp")
 STARTUP_TIMEOUT = 240.0
 
 
@@ -143,6 +145,16 @@ def bench_config(target_batch: int, seq_length: int, small_model: bool, tokenize
     for section, key, value in overrides:
         sections.setdefault(section, {})[key] = value
     return default_run_config(**sections)
+
+
+def diloco_config(config: Path, target_batch: int) -> Path:
+    """``config`` in DiLoCo mode with an outer step every ``target_batch`` samples, next to it."""
+    from dedloc.config import load_run_config
+
+    path = config.with_name("run-diloco.toml")
+    diloco = load_run_config(config).with_overrides(mode="diloco", training={"target_batch_size": target_batch})
+    path.write_text(diloco.to_toml(), encoding="utf-8")
+    return path
 
 
 def prepare(out: Path, target_batch: int, seq_length: int, small_model: bool,
@@ -323,6 +335,8 @@ def run_system(system: str, config: Path, peers: int, up: Optional[float], down:
         try:
             if system == "dedloc":
                 running = _start_dedloc(network, config, peers, up, down, workdir)
+            elif system == "dedloc-diloco":
+                running = _start_dedloc(network, config.with_name("run-diloco.toml"), peers, up, down, workdir)
             else:
                 running = _start_workers(network, system, config, peers, up, down, workdir,
                                          seconds=STARTUP_TIMEOUT + warmup + window + 30)
@@ -364,6 +378,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--target-batch", type=int, default=256)
     parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--diloco-batch", type=int, default=2048,
+                        help="samples the swarm computes between DiLoCo's outer steps (system dedloc-diloco)")
     parser.add_argument("--small-model", action="store_true", help="a model a tenth of the default's size (smoke runs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="change the run config, e.g. averaging.average_state_every=4 (repeatable; dedloc reads "
@@ -386,6 +402,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         config, parameters = prepare(args.out, args.target_batch, args.seq_length, args.small_model, overrides)
+        diloco_config(config, args.diloco_batch)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

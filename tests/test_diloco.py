@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.fidelity import FidelityResult
 from dedloc.config import DilocoSection, default_run_config
 from dedloc.errors import UserInputError
 from dedloc.swarm.diloco import OuterStep
@@ -85,3 +86,12 @@ def test_config_rejects_nesterov_without_momentum_and_unknown_modes():
     with pytest.raises(UserInputError, match="mode"):
         default_run_config(mode="async")
     assert default_run_config(mode="diloco").mode == "diloco"
+
+
+def test_fidelity_verdict_for_diloco_accepts_a_lower_loss_but_not_a_higher_one():
+    single = {1: [8.0, 7.60], 2: [8.0, 7.62], 3: [8.0, 7.58]}
+    lower = FidelityResult(steps=[2, 4], swarm=[7.5, 6.9], single=single, peers=2, mode="diloco")
+    higher = FidelityResult(steps=[2, 4], swarm=[8.1, 7.9], single=single, peers=2, mode="diloco")
+    assert lower.holds and not higher.holds
+    # the synchronous verdict is two-sided: the same lower curve does not match the reference
+    assert not FidelityResult(steps=[2, 4], swarm=[7.5, 6.9], single=single, peers=2).holds

@@ -19,7 +19,7 @@ from helpers import run_lab_bench
 def test_throughput_bench_smoke(tmp_path):
     out = tmp_path / "throughput"
     run = run_lab_bench("throughput", ["--peers", "2", "--warmup", "3", "--window", "20", "--repeats", "1",
-         "--small-model", "--target-batch", "64", "--seq-length", "64", "--out", str(out)], timeout=840)
+         "--small-model", "--target-batch", "64", "--diloco-batch", "128", "--seq-length", "64", "--out", str(out)], timeout=840)
     report = json.loads((out / "throughput.json").read_text())
     assert report["peers"] == 2 and report["parameters"] > 0
     runs = {run["system"]: run for run in report["runs"]}
@@ -29,6 +29,6 @@ def test_throughput_bench_smoke(tmp_path):
         assert result["peak_pss_mb"] > 50, result  # a torch process at least: the sampler saw the tree
     # averaging systems send their gradients (and states) over the shaped links; the ideal one does not
     assert runs["ideal"]["bytes_per_peer_per_step"] is None or runs["ideal"]["bytes_per_peer_per_step"] < 1e5, runs["ideal"]
-    for system in ("dedloc", "ddp"):
+    for system in ("dedloc", "dedloc-diloco", "ddp"):
         assert runs[system]["steps_in_window"] >= 1 and runs[system]["bytes_per_peer_per_step"] > 0.3 * report["parameters"], runs[system]
     assert "| system | samples/s" in run.stdout
