@@ -30,7 +30,7 @@ from hivemind.optim.progress_tracker import TrainingProgressSchema
 from dedloc.checkpoint import latest_valid_checkpoint, list_checkpoints
 from dedloc.config import RunConfig, default_run_config, load_run_config
 from dedloc.errors import SwarmUnreachableError, UserInputError
-from dedloc.lifecycle import GracefulExit
+from dedloc.lifecycle import GracefulExit, raise_open_files_limit
 from dedloc.logs import setup_logging
 from dedloc.allowlist import load_allowlist
 from dedloc.swarm.access import DEFAULT_TOKEN_LIFETIME, Admission, SwarmAuthorizer, publish_revoked, set_revoked
@@ -94,6 +94,7 @@ class CoordinatorOptions:
 def run_coordinator(options: CoordinatorOptions, stop: Optional[GracefulExit] = None) -> int:
     """Run the coordinator until the run ends (0) or a stop is requested (130)."""
     stop = stop or GracefulExit.install("coordinator")
+    raise_open_files_limit()
     config = load_run_config(options.config) if options.config is not None else default_run_config()
     if options.allowlist is not None:
         load_allowlist(options.allowlist)  # unreadable or malformed: refuse to start (exit 2)

@@ -22,6 +22,28 @@ from dedloc.errors import EXIT_INTERRUPTED
 logger = logging.getLogger(__name__)
 
 
+# a swarm node holds a connection (and p2pd a few sockets) per peer it talks to; hivemind swarms are known
+# to hit "too many open files" under the common soft limit of 1024
+WANTED_OPEN_FILES = 65536
+
+
+def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
+    """Raise this process's soft limit on open files toward ``wanted``, never past the hard limit (an
+    unprivileged process may not raise that) and never lower than it is. Children (the DHT, the
+    averagers, p2pd) inherit it. Returns the (soft, hard) limits in force afterwards."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:  # a platform that refuses: keep what there is
+            logger.debug(f"could not raise the open-files limit from {soft} to {target}: {e}")
+    return soft, hard
+
+
 def kill_process_tree(pid: int, include_self: bool = False, sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to every descendant of ``pid`` (children first discovered, then all of them)."""
     try:

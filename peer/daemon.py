@@ -21,7 +21,7 @@ from dedloc.checkpoint import write_checkpoint
 from dedloc.config import RunConfig
 from dedloc.errors import UserInputError
 from dedloc.faults import fault_pause
-from dedloc.lifecycle import GracefulExit
+from dedloc.lifecycle import GracefulExit, raise_open_files_limit
 from dedloc.logs import setup_logging
 from dedloc.swarm.access import AccessRefused, Admission, SwarmAuthorizer, ask_the_desk
 from dedloc.swarm.addresses import parse_join_addresses
@@ -115,6 +115,7 @@ def read_invite(options: PeerOptions) -> Optional[str]:
 def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     """Run a peer until the run ends or a stop is requested; returns the exit code (0 or 130)."""
     stop = stop or GracefulExit.install("peer")
+    raise_open_files_limit()
     join = parse_join_addresses(read_join_file(options.join_file, options.join_timeout, stop) if options.join_file else options.join)
     if options.micro_batch_size is not None and options.micro_batch_size <= 0:
         raise UserInputError(f"--micro-batch must be positive (got {options.micro_batch_size})")

@@ -24,15 +24,14 @@ def _final_state(peer_dir):
 @pytest.mark.parametrize(
     "overrides, tolerance",
     [
-        # hivemind applies averages as deltas (x + (avg - x)), so even without compression two peers
-        # agree up to float32 rounding, not bit for bit.
-        (dict(averaging={"grad_compression": "none"}), dict(rtol=1e-5, atol=1e-6)),
+        # the default: fp16 gradients on the wire (a peer's own share of the average is not rounded)
         (dict(averaging={"grad_compression": "fp16"}), dict(rtol=1e-3, atol=1e-4)),
-        # local optimizer steps on every micro-batch; each global step averages the parameters (no
-        # compression) and applies the same outer step on both peers
+        # local optimizer steps on every micro-batch; each global step averages the parameters without
+        # compression and applies the same outer step on both peers. hivemind applies averages as
+        # deltas (x + (avg - x)), so the peers agree up to float32 rounding, not bit for bit
         (dict(mode="diloco"), dict(rtol=1e-5, atol=1e-6)),
     ],
-    ids=["sync-fp32", "sync-fp16", "diloco"],
+    ids=["synchronous", "diloco"],
 )
 def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
     config = small_run_config(tmp_path / "run.toml", **overrides)
