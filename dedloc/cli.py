@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--volunteer", help="your name on the run's leaderboard")
     peer.add_argument("--snapshot-dir", type=Path, help="write this peer's final model here when it leaves")
     peer.add_argument("--threads", type=_positive_int, help="CPU threads for training")
+    peer.add_argument("--pause-when-busy", action="store_true",
+                      help="pause contributing while another program uses the GPU heavily (≥ 512 MiB), resume once it "
+                           "has been free for 30 s; SIGUSR1/SIGUSR2 pause and resume by hand")
 
     swarm = sub.add_parser(
         "swarm", parents=[common], help="run a whole local swarm (coordinator + peers) on loopback",
@@ -256,6 +259,7 @@ def _run(args: argparse.Namespace) -> int:
                 volunteer=args.volunteer,
                 snapshot_dir=args.snapshot_dir,
                 threads=args.threads,
+                pause_when_busy=args.pause_when_busy,
                 device=args.device,
                 precision=args.precision,
                 cache_dir=args.cache_dir,

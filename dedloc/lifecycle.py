@@ -112,6 +112,45 @@ class GracefulExit:
         return self.requested.wait(timeout)
 
 
+class PauseSwitch:
+    """SIGUSR1 pauses a peer's contributions and SIGUSR2 resumes them: :attr:`paused` is set in between.
+    :attr:`busy` is the other reason to pause, set by a watcher while another program uses the GPU
+    (``--pause-when-busy``); the peer is paused while either is set (:meth:`is_paused`).
+
+    Only the process that installed it reacts; forked children (hivemind's DHT and averagers) inherit
+    the handler and ignore both signals, where their default would end them. The handler only flips
+    the event: the trainer notices it between micro-batches and logs the change.
+    """
+
+    def __init__(self):
+        self.paused = threading.Event()
+        self.busy = threading.Event()
+        self._main_pid = os.getpid()
+
+    def is_paused(self) -> bool:
+        return self.paused.is_set() or self.busy.is_set()
+
+    def reason(self) -> str:
+        if self.paused.is_set():
+            return "SIGUSR1; SIGUSR2 resumes"
+        return "another program is using the GPU; resuming once it is free"
+
+    @classmethod
+    def install(cls) -> "PauseSwitch":
+        self = cls()
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._main_pid:
+            return
+        if signum == signal.SIGUSR1:
+            self.paused.set()
+        else:
+            self.paused.clear()
+
+
 def _terminate_with_parent() -> None:
     """In a freshly forked child: receive SIGTERM when the launching process dies (Linux), so a
     launcher killed outright does not leave a whole swarm running."""

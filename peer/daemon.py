@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,7 +22,7 @@ from dedloc.checkpoint import write_checkpoint
 from dedloc.config import RunConfig
 from dedloc.errors import UserInputError
 from dedloc.faults import fault_pause
-from dedloc.lifecycle import GracefulExit, raise_open_files_limit
+from dedloc.lifecycle import GracefulExit, PauseSwitch, raise_open_files_limit
 from dedloc.logs import setup_logging
 from dedloc.swarm.access import AccessRefused, Admission, SwarmAuthorizer, ask_the_desk
 from dedloc.swarm.addresses import parse_join_addresses
@@ -31,6 +32,7 @@ from dedloc.swarm.optimizer import build_optimizer
 from dedloc.swarm.records import metrics_validator
 from dedloc.task.build import PeerTask, build_peer_task
 from dedloc.task.data import peer_data_seed
+from dedloc.task.gpu_busy import BusyGpuWatcher, other_gpu_processes
 from dedloc.task.model import count_parameters
 from dedloc.task.device import (
     ComputePlan,
@@ -75,6 +77,8 @@ class PeerOptions:
     snapshot_dir: Optional[Path] = None
     """Write this peer's final local state here (HF format) when it leaves."""
     threads: Optional[int] = None
+    pause_when_busy: bool = False
+    """Pause contributing while another program holds the (CUDA) GPU, resume once it is free."""
     device: str = "auto"
     """``auto`` (CUDA, then Apple MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     precision: str = "auto"
@@ -115,6 +119,7 @@ def read_invite(options: PeerOptions) -> Optional[str]:
 def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     """Run a peer until the run ends or a stop is requested; returns the exit code (0 or 130)."""
     stop = stop or GracefulExit.install("peer")
+    pause = PauseSwitch.install()  # before hivemind forks its processes: they inherit it, and ignore the signals
     raise_open_files_limit()
     join = parse_join_addresses(read_join_file(options.join_file, options.join_timeout, stop) if options.join_file else options.join)
     if options.micro_batch_size is not None and options.micro_batch_size <= 0:
@@ -188,14 +193,26 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         optimizer = build_optimizer(
             dht, config, manifest.swarm_prefix, task.model, micro_batch, verbose=options.log_level == "debug"
         )
-        logger.info(f"ready to train after {time.monotonic() - started:.1f} s")
+        logger.info(
+            f"ready to train after {time.monotonic() - started:.1f} s (process {os.getpid()}: `kill -USR1 {os.getpid()}` "
+            f"pauses its contributions, `kill -USR2 {os.getpid()}` resumes them)"
+        )
         trainer = PeerTrainer(
             dht, identity, manifest, join.coordinator_id, task, optimizer, micro_batch, stop,
-            volunteer=options.volunteer, view=ProgressView(), compute=compute,
+            volunteer=options.volunteer, view=ProgressView(), compute=compute, pause=pause,
         )
+        watcher = None
+        if options.pause_when_busy:
+            if compute.device.type == "cuda":
+                watcher = BusyGpuWatcher(partial(other_gpu_processes, compute.device.index or 0), pause.busy)
+                watcher.start()
+            else:
+                logger.warning(f"--pause-when-busy watches a CUDA GPU; this peer computes on {compute.device.type}: ignored")
         try:
             trainer.run()
         finally:
+            if watcher is not None:
+                watcher.stop()
             trainer.say_goodbye()
             optimizer.shutdown()
             peak = compute.peak_memory_mib()

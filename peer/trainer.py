@@ -25,7 +25,7 @@ from hivemind.utils import get_dht_time
 from dedloc.config import RunConfig
 from dedloc.errors import IncompatibleSwarmError
 from dedloc.faults import fault_active
-from dedloc.lifecycle import GracefulExit
+from dedloc.lifecycle import GracefulExit, PauseSwitch
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.records import (
     PeerMetrics,
@@ -177,8 +177,10 @@ class PeerTrainer:
         end_grace: float = 120.0,
         view: Optional[ProgressView] = None,
         compute: Optional[ComputePlan] = None,
+        pause: Optional[PauseSwitch] = None,
     ):
-        """``compute``: device, precision and micro-batch (default: the CPU in fp32, ``micro_batch_size``)."""
+        """``compute``: device, precision and micro-batch (default: the CPU in fp32, ``micro_batch_size``);
+        ``pause``: the volunteer's pause switch (SIGUSR1/SIGUSR2), if any."""
         self.dht, self.identity, self.manifest = dht, identity, manifest
         self.compute = compute or ComputePlan(torch.device("cpu"), "fp32", micro_batch_size)
         self.config: RunConfig = manifest.config
@@ -196,6 +198,7 @@ class PeerTrainer:
         self._publish_lock = threading.Lock()
         self._published_step = 0
         self.heartbeat = MetricsHeartbeat(self)
+        self.pause = pause
 
     # ----------------------------------------------------------------------------------------------
     def stop_at(self) -> int:
@@ -385,6 +388,10 @@ class PeerTrainer:
                 self.wait_for_contact()
                 stats, epoch = StepStats(), opt.local_epoch
                 continue
+            if self.pause is not None and self.pause.is_paused():
+                self.hold_while_paused()
+                stats, epoch = StepStats(), opt.local_epoch
+                continue
             batch = self.compute.to_device(next(batches))
             with self.compute.autocast():
                 loss = model(**batch).loss
@@ -420,6 +427,20 @@ class PeerTrainer:
             logger.info(f"the run ends at step {self.stop_at()}, which this peer has reached: final state-averaging round")
             self.final_sync()
             self.log_step(stats)
+
+    def hold_while_paused(self) -> None:
+        """Paused by the volunteer (SIGUSR1) or by a busy GPU (``--pause-when-busy``): leave the
+        averaging rotation cleanly (see :meth:`SwarmOptimizer.leave_rotation`) and compute nothing until
+        resumed, stopped, or the run ends. The peer stays online meanwhile (metrics, state for
+        newcomers). Resumed at the swarm's step it carries on without a download; behind it, its
+        optimizer downloads the state."""
+        opt = self.opt
+        logger.info(f"paused at step {opt.local_epoch} ({self.pause.reason()}): leaving the averaging rotation")
+        opt.leave_rotation()
+        while self.pause.is_paused() and not self.stop.is_set() and not self.run_finished() and not self.run_changed():
+            self.stop.wait(0.5)
+        if not self.pause.is_paused():
+            logger.info(f"resumed at step {opt.local_epoch}; the swarm is at step {opt.tracker.global_epoch}")
 
     def wait_for_contact(self) -> None:
         """Cut off from the swarm: train no further (what this peer would compute alone is lost anyway),

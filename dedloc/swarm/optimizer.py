@@ -365,6 +365,23 @@ class SwarmOptimizer(hivemind.Optimizer):
         elif self.tracker.global_progress.num_peers > 1 and self.tracker.ready_to_update_epoch:
             self._sit_out_round(downloaded)
 
+    def leave_rotation(self) -> None:
+        """Stop contributing for a while (a volunteer's pause) without holding anyone up: a gradient
+        round already scheduled is joined with zero weight, as hivemind does before a download (the
+        others' group does not wait for this peer's part), a scheduled state round is cancelled, and
+        the samples accumulated toward the step under way are dropped and reported as none, so that
+        the swarm counts nothing this peer will not deliver. At its next ``step()`` the optimizer
+        downloads the swarm's state if the swarm moved on meanwhile; otherwise it simply carries on."""
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            self._tag_along_with_zero_weight(self.scheduled_grads)
+        self.scheduled_grads = None
+        if self.scheduled_state is not None and not self.scheduled_state.done():
+            self.scheduled_state.cancel()
+        self.scheduled_state = None
+        if self.grad_averager is not None:
+            self.grad_averager.reset_accumulated_grads_()
+        self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
+
     def _sit_out_round(self, step: int) -> None:
         """The state of ``step`` arrived while the others average for the step after it: their round
         forms its group without this peer. hivemind matches gradient rounds by time, not by step, so a
