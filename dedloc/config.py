@@ -160,7 +160,9 @@ class AveragingSection(_Section):
     download_chunk_timeout: float = Field(10.0, gt=0)
     """Seconds a state download waits for the next piece from one donor before it moves on to the next."""
     average_state_every: int = Field(1, gt=0)
-    """Average parameters and optimizer statistics every this many global steps (keeps peers identical)."""
+    """Average parameters and optimizer statistics every this many global steps (keeps peers identical).
+    DiLoCo mode averages the parameters at every global step whatever this says: its outer step is
+    taken on that average."""
     average_optimizer_state: bool = False
     """Also average the optimizer's statistics (Adam's moments and step count) with the parameters, so
     that a newcomer's older moments, or those of a peer that missed a round, are brought level too.
