@@ -439,6 +439,7 @@ class PeerTrainer:
         opt.leave_rotation()
         while self.pause.is_paused() and not self.stop.is_set() and not self.run_finished() and not self.run_changed():
             self.stop.wait(0.5)
+        opt.rejoin_rotation()
         if not self.pause.is_paused():
             logger.info(f"resumed at step {opt.local_epoch}; the swarm is at step {opt.tracker.global_epoch}")
 

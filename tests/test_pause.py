@@ -49,6 +49,11 @@ def test_a_paused_peer_stays_out_and_comes_back(tmp_path, procs):
     text_while_paused = volunteer.log_path.read_text()[paused.end():]
     assert not _steps(text_while_paused), f"peer-2 stepped while paused:\n{text_while_paused[-2000:]}"
     assert "averaging gradients" not in text_while_paused, "peer-2 began an averaging round while paused"
+    # it left hivemind's count at once: the other peer does not keep looking for it in every round
+    # (before the record was withdrawn, each of its rounds failed to find a group, ~13 s a step)
+    in_pause = steady.log_path.read_text()
+    in_pause = in_pause[in_pause.find(f"step={paused_step + 1} "):]
+    assert in_pause.count("could not find a group") <= 1, in_pause[-3000:]
     resumed_from = len(volunteer.log_path.read_text())
     os.kill(volunteer.pid, signal.SIGUSR2)
     wait_for(lambda: "resumed at step" in volunteer.log_path.read_text(), 60, "peer-2 to resume", watch=everyone)

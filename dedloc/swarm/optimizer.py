@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import signal
+import threading
 from functools import partial
 from typing import AsyncIterator, Optional
 
@@ -32,6 +33,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
 
 from dedloc.config import Compression, RunConfig
 from dedloc.faults import active_attack, fault_point, poison
@@ -264,6 +266,23 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
             yield message
 
 
+class _WithdrawableProgress:
+    """The DHT as hivemind's progress tracker sees it: while ``withdrawn`` is set, every progress record
+    it stores says "not here" (None, hivemind's own marker for a peer that left), so the swarm stops
+    counting this peer; everything else passes through."""
+
+    def __init__(self, dht: hivemind.DHT, withdrawn: threading.Event):
+        self._dht, self._withdrawn = dht, withdrawn
+
+    def __getattr__(self, name):
+        return getattr(self._dht, name)
+
+    def store(self, *args, **kwargs):
+        if self._withdrawn.is_set():
+            kwargs["value"] = None
+        return self._dht.store(*args, **kwargs)
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """``hivemind.Optimizer`` that never lets a peer step on gradients the swarm did not average with it.
 
@@ -365,13 +384,21 @@ class SwarmOptimizer(hivemind.Optimizer):
         elif self.tracker.global_progress.num_peers > 1 and self.tracker.ready_to_update_epoch:
             self._sit_out_round(downloaded)
 
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs):
+        tracker = super()._make_progress_tracker(target_batch_size, **kwargs)
+        self.withdrawn = threading.Event()  # set while this peer is out of the rotation (paused)
+        tracker.dht = _WithdrawableProgress(tracker.dht, self.withdrawn)
+        return tracker
+
     def leave_rotation(self) -> None:
         """Stop contributing for a while (a volunteer's pause) without holding anyone up: a gradient
         round already scheduled is joined with zero weight, as hivemind does before a download (the
-        others' group does not wait for this peer's part), a scheduled state round is cancelled, and
-        the samples accumulated toward the step under way are dropped and reported as none, so that
-        the swarm counts nothing this peer will not deliver. At its next ``step()`` the optimizer
-        downloads the swarm's state if the swarm moved on meanwhile; otherwise it simply carries on."""
+        others' group does not wait for this peer's part), a scheduled state round is cancelled, the
+        samples accumulated toward the step under way are dropped, and this peer's progress record is
+        withdrawn — otherwise the others, counting it, would keep looking for it in every round until
+        the record expired. :meth:`rejoin_rotation` undoes the last. At its next ``step()`` the
+        optimizer downloads the swarm's state if the swarm moved on meanwhile; otherwise it simply
+        carries on."""
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
             self._tag_along_with_zero_weight(self.scheduled_grads)
         self.scheduled_grads = None
@@ -380,6 +407,21 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.scheduled_state = None
         if self.grad_averager is not None:
             self.grad_averager.reset_accumulated_grads_()
+        self.withdrawn.set()
+        self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
+        # hivemind's tracker republishes a peer only while it is at most one step behind: withdraw the
+        # record now, as hivemind's own shutdown does (the subkey is the tracker's signing key)
+        self.dht.store(
+            self.tracker.training_progress_key,
+            subkey=self.tracker._local_public_key,
+            value=None,
+            expiration_time=get_dht_time() + self.tracker.metadata_expiration,
+            return_future=True,
+        )
+
+    def rejoin_rotation(self) -> None:
+        """Back from a pause: this peer's progress is published again (from its next samples on)."""
+        self.withdrawn.clear()
         self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
 
     def _sit_out_round(self, step: int) -> None:
