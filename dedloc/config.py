@@ -240,6 +240,11 @@ class RunConfig(_Section):
                 f"data.seq_length ({self.data.seq_length}) exceeds model.max_position_embeddings "
                 f"({self.model.max_position_embeddings})"
             )
+        if self.mode == "diloco" and self.averaging.aggregation != "mean":
+            raise ValueError(
+                f"averaging.aggregation = {self.averaging.aggregation!r} combines gradients in synchronous mode; "
+                "DiLoCo mode averages parameters with the plain mean (set aggregation = \"mean\")"
+            )
         if self.training.micro_batch_size > self.training.target_batch_size:
             raise ValueError(
                 f"training.micro_batch_size ({self.training.micro_batch_size}) exceeds "

@@ -85,6 +85,8 @@ def test_config_rejects_nesterov_without_momentum_and_unknown_modes():
         default_run_config(diloco={"outer_momentum": 0.0, "nesterov": True})
     with pytest.raises(UserInputError, match="mode"):
         default_run_config(mode="async")
+    with pytest.raises(UserInputError, match="DiLoCo mode averages parameters"):
+        default_run_config(mode="diloco", averaging={"aggregation": "centered_clip"})
     assert default_run_config(mode="diloco").mode == "diloco"
 
 
