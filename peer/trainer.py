@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import hivemind
+import psutil
 import torch
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.p2p import PeerID
@@ -402,6 +403,9 @@ class PeerTrainer:
             stats.samples += self.micro_batch_size
             # only what the optimizer accumulated counts: not the micro-batch that found this peer
             # behind the swarm, nor those computed while its state was older than the swarm's
+            if self.samples_contributed == 0 and self.opt.samples_accumulated_total > 0:
+                started = psutil.Process().create_time()
+                logger.info(f"first samples contributed {time.time() - started:.1f} s after this process started")
             self.samples_contributed = self.opt.samples_accumulated_total
             if opt.local_epoch != epoch:
                 epoch = opt.local_epoch

@@ -54,6 +54,8 @@ def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
         assert child.poll() == 0, f"{child.name} exited with {child.poll()}:\n{child.log_tail(30)}"
     for child in [coordinator, *peers]:
         assert "Traceback" not in child.log_path.read_text(), f"{child.name} logged a traceback"
+    for peer in peers:  # the start-up figure the performance doc reports
+        assert "first samples contributed" in peer.log_path.read_text(), peer.log_tail(30)
     if overrides.get("mode") == "diloco":
         for peer in peers:  # an outer step at each of the 6 global steps (alone, on its own parameters)
             outer_steps = [line for line in peer.log_path.read_text().splitlines() if "outer step to step" in line]
