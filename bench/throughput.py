@@ -333,10 +333,8 @@ def run_system(system: str, config: Path, peers: int, up: Optional[float], down:
     with Network() as network:
         began = time.time()
         try:
-            if system == "dedloc":
+            if system in ("dedloc", "dedloc-diloco"):  # the caller passes each its own run config
                 running = _start_dedloc(network, config, peers, up, down, workdir)
-            elif system == "dedloc-diloco":
-                running = _start_dedloc(network, config.with_name("run-diloco.toml"), peers, up, down, workdir)
             else:
                 running = _start_workers(network, system, config, peers, up, down, workdir,
                                          seconds=STARTUP_TIMEOUT + warmup + window + 30)
@@ -402,7 +400,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         config, parameters = prepare(args.out, args.target_batch, args.seq_length, args.small_model, overrides)
-        diloco_config(config, args.diloco_batch)
+        configs = {"dedloc-diloco": diloco_config(config, args.diloco_batch)}
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -413,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     args.warmup, args.window)
     for repeat in range(args.repeats):
         for system in systems:
-            run = run_system(system, config, args.peers, args.up_mbit, args.down_mbit, args.warmup, args.window,
+            run = run_system(system, configs.get(system, config), args.peers, args.up_mbit, args.down_mbit, args.warmup, args.window,
                              args.out / f"{system}-{repeat + 1}")
             report.runs.append(run)
             print(f"{system} (run {repeat + 1}): {_fmt(run.samples_per_s)} samples/s, {_fmt(run.steps_in_window, 0)} "
