@@ -238,6 +238,8 @@ class Coordinator:
                 write_json_atomic(self.options.join_file, info)
             except OSError as e:
                 raise UserInputError(f"cannot write --join-file {self.options.join_file}: {e.strerror or e}") from None
+        if self.dashboard is not None:  # `dedloc peer --join http://<dashboard>` reads it from /api/join
+            self.dashboard.publish_join(info)
         logger.info(
             f"run '{self.config.run_id}' is up (config {self.manifest.config_sha256[:12]}, tokenizer "
             f"{self.manifest.tokenizer_sha256[:12]}, ends at step {self.stop_at}); volunteers join with:"

@@ -6,11 +6,14 @@ Routes (GET and HEAD only; anything else is answered 405, unknown paths 404, bot
   package, so it works offline and loads nothing from a CDN;
 - ``/api/status``, ``/api/history?since=STEP``, ``/api/peers``, ``/api/leaderboard`` — JSON, schema
   in ``docs/dashboard.md``;
+- ``/api/join`` — the coordinator's join multiaddrs, peer id and run id (``dedloc peer --join
+  http://HOST:PORT`` reads them); 503 until the coordinator has published them (:meth:`Dashboard.publish_join`);
 - ``/metrics`` — the same figures for Prometheus, written by ``prometheus_client``.
 
-It serves only what the swarm publishes anyway plus the coordinator's own figures: no addresses,
-no keys, no paths outside the state directory. The server runs in daemon threads; a failing request
-is logged and answered 500 without a traceback, and never reaches the coordinator.
+It serves only what the swarm publishes anyway plus the coordinator's own figures. The only addresses
+are the coordinator's own join multiaddrs at ``/api/join`` — what every volunteer is given anyway; no
+peer's address, no keys, no paths outside the state directory. The server runs in daemon threads; a
+failing request is logged and answered 500 without a traceback, and never reaches the coordinator.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "dedloc-dashboard"
     view: RunView
     registry: CollectorRegistry
+    dashboard: "Dashboard"
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("dashboard: " + format, *args)
@@ -174,6 +178,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.OK, _finite(dict(peers=self.view.peers())))
         elif path == "/api/leaderboard":
             self._json(HTTPStatus.OK, _finite(dict(leaderboard=self.view.leaderboard())))
+        elif path == "/api/join":
+            answer = self.dashboard.join_answer
+            if answer is None:
+                self._json(HTTPStatus.SERVICE_UNAVAILABLE,
+                           dict(error="the coordinator has not published its join addresses yet; ask again shortly"))
+            else:
+                self._json(HTTPStatus.OK, answer)
         elif path == "/metrics":
             self._send(HTTPStatus.OK, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         else:
@@ -198,11 +209,22 @@ class Dashboard:
         self.view, self.host, self.port = view, host, port
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
+        self.join_answer: Optional[dict] = None
+        """What ``/api/join`` answers; None (503) until :meth:`publish_join`."""
+
+    def publish_join(self, info: dict) -> None:
+        """Serve the join information at ``/api/join``: ``info`` is the dict the coordinator writes to
+        ``coordinator.json`` and ``--join-file`` (``peer_id``, ``join``, ``run_id``, hashes). The answer
+        leaves out its process id and dashboard URL and names the peer id ``coordinator``."""
+        self.join_answer = dict(
+            join=list(info["join"]), coordinator=info["peer_id"], run_id=info["run_id"],
+            config_sha256=info.get("config_sha256"), tokenizer_sha256=info.get("tokenizer_sha256"),
+        )
 
     def start(self) -> str:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_MetricsCollector(self.view))
-        handler = type("DashboardHandler", (_Handler,), dict(view=self.view, registry=registry))
+        handler = type("DashboardHandler", (_Handler,), dict(view=self.view, registry=registry, dashboard=self))
         server_class = _DashboardServer
         if ":" in self.host:
             server_class = type("DashboardServer6", (_DashboardServer,), dict(address_family=socket.AF_INET6))

@@ -24,6 +24,7 @@ from rich.text import Text
 from dedloc.errors import SwarmUnreachableError
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import short_id
+from dedloc.peer.join import expand_join
 from dedloc.swarm.access import SwarmAuthorizer, ask_the_desk
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.identity import Identity
@@ -52,8 +53,11 @@ class StatusOptions:
 
 
 def read_swarm_status(options: StatusOptions, stop: GracefulExit) -> dict:
-    """Join as a client, collect the run's figures, leave. Raises :class:`SwarmUnreachableError`."""
-    join = parse_join_addresses(options.join)
+    """Join as a client, collect the run's figures, leave. Raises :class:`SwarmUnreachableError`.
+
+    ``options.join`` may name the coordinator's dashboard (``http://HOST:PORT``) instead of a multiaddr:
+    its ``/api/join`` gives the addresses (within ``options.timeout``; see :func:`expand_join`)."""
+    join = parse_join_addresses(expand_join(options.join, options.timeout, stop))
     deadline = time.monotonic() + options.timeout
     identity = Identity.create_ephemeral()
     identity.bind_to_process()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from dedloc.cli import build_parser
+from dedloc.peer.join import is_join_url, join_endpoint
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
@@ -34,14 +36,18 @@ def test_compose_services_run_commands_the_cli_accepts():
         args = parser.parse_args([str(part) for part in service["command"]])
         assert args.command == name.split("-")[0]  # peer-gpu runs `dedloc peer`
     coordinator = parser.parse_args(services["coordinator"]["command"])
-    peer = parser.parse_args(services["peer"]["command"])
-    assert str(peer.join_file) == str(coordinator.join_file), "peers must read the file the coordinator writes"
-    # the join file lives on a volume both services mount; checkpoints on a named volume
-    mounts = {name: {v.split(":")[1] for v in services[name]["volumes"]} for name in ("coordinator", "peer")}
-    join_dir = str(Path(str(coordinator.join_file)).parent)
-    assert join_dir in mounts["coordinator"] and join_dir in mounts["peer"]
-    assert any(str(coordinator.workdir).startswith(m) for m in mounts["coordinator"] - {join_dir})
-    assert set(compose["volumes"]) >= {"state", "join"}
+    # peers find the coordinator through its dashboard's /api/join, by service name and dashboard port
+    for name in ("peer", "peer-gpu"):
+        peer = parser.parse_args(services[name]["command"])
+        assert peer.join_file is None and len(peer.join) == 1 and is_join_url(peer.join[0]), name
+        endpoint = urlsplit(join_endpoint(peer.join[0]))  # what the peer asks: accepted, not a UserInputError
+        assert endpoint.scheme == "http" and endpoint.hostname == "coordinator", (name, peer.join)
+        assert endpoint.port == coordinator.dashboard_port and endpoint.path == "/api/join", (name, peer.join)
+    assert coordinator.dashboard and coordinator.dashboard_host == "0.0.0.0"
+    # the coordinator's state (identity, checkpoints) on a named volume
+    mounts = {v.split(":")[1] for v in services["coordinator"]["volumes"]}
+    assert any(str(coordinator.workdir).startswith(m) for m in mounts)
+    assert "state" in compose["volumes"]
     assert "deploy" not in services["peer"] or "replicas" not in services["peer"].get("deploy", {}), "scale with --scale"
 
 
