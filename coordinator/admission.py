@@ -7,7 +7,9 @@ identity bound as that process's signing key) and re-reads the allowlist wheneve
 so adding or revoking a volunteer takes effect at once, without a restart.
 
 Requests and answers are msgpack maps in the ``metadata`` of hivemind's ``ExpertRequest`` /
-``ExpertResponse`` protobufs; nothing received is unpickled.
+``ExpertResponse`` protobufs; nothing received is unpickled. A request may also ask the desk to dial
+the peer back (``"dial_back"``, see :mod:`dedloc.swarm.reachability`): the answer of an admitted peer
+then carries ``"reachable"``, the addresses at which the desk reached it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dedloc.swarm.access import (
     ACCESS_HANDLER, ALLOWLIST_HINT, CLOCK_TOLERANCE, clock_skew_message, mint_token, token_bytes,
 )
 from dedloc.swarm.identity import peer_id_of_public_key
+from dedloc.swarm.reachability import dial_back
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +122,10 @@ async def _serve(dht: hivemind.DHT, node, desk: AccessDesk) -> None:
                 raise ValueError("not a map")
         except Exception:
             fields = {}
-        return ExpertResponse(metadata=MSGPackSerializer.dumps(desk.answer(fields, context.remote_id)))
+        answer = desk.answer(fields, context.remote_id)
+        if "dial_back" in fields and answer.get("error") in (None, "open"):
+            answer["reachable"] = await dial_back(node.p2p, context.remote_id, fields["dial_back"])
+        return ExpertResponse(metadata=MSGPackSerializer.dumps(answer))
 
     await node.p2p.add_protobuf_handler(ACCESS_HANDLER, handle, ExpertRequest)
 

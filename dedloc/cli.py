@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = peer.add_mutually_exclusive_group(required=True)
     where.add_argument(
         "--join", nargs="+", action="extend", metavar="MULTIADDR",
-        help="the coordinator's address as it printed it (…/p2p/<peer id>); several allowed",
+        help="the coordinator's address as it printed it (…/p2p/<peer id>; several allowed), or its dashboard's "
+             "http://HOST:PORT on a private network (docker compose)",
     )
     where.add_argument(
         "--join-file", type=Path, metavar="PATH",
@@ -157,8 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--data", help="local copy of the run's data source (overrides the run's)")
     peer.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     peer.add_argument("--port", type=_port, default=0, help="TCP port to listen on (default: any free port)")
-    peer.add_argument("--announce-maddr", dest="announce_maddrs", action="append", default=[], metavar="MULTIADDR")
-    peer.add_argument("--client-mode", action="store_true", help="accept no incoming connections (behind NAT)")
+    peer.add_argument(
+        "--announce", action="append", default=[], metavar="HOST:PORT",
+        help="the public address of a port forwarded to this peer's --port (repeatable)",
+    )
+    peer.add_argument("--announce-maddr", dest="announce_maddrs", action="append", default=[], metavar="MULTIADDR",
+                      help="the same as a multiaddr, e.g. /ip4/203.0.113.7/tcp/31337")
+    peer.add_argument(
+        "--client-mode", action="store_true",
+        help="accept no incoming connections (default: chosen at start, by whether the coordinator can connect back)",
+    )
     peer.add_argument("--nat-traversal", action="store_true", help="let libp2p map ports and probe reachability")
     peer.add_argument("--volunteer", help="your name on the run's leaderboard")
     peer.add_argument("--snapshot-dir", type=Path, help="write this peer's final model here when it leaves")
@@ -183,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Join a swarm as a client, print the run's figures as the coordinator publishes them, and exit.",
     )
     status.add_argument("--join", nargs="+", action="extend", required=True, metavar="MULTIADDR",
-                        help="the coordinator's address (…/p2p/<peer id>), as for `dedloc peer`")
+                        help="the coordinator's address (…/p2p/<peer id>, or http://HOST:PORT), as for `dedloc peer`")
     status.add_argument("--json", dest="as_json", action="store_true", help="print JSON (for scripts)")
     status.add_argument("--invite", help="your invite, for a run with an allowlist")
     status.add_argument("--timeout", type=_positive_float, default=20.0,
@@ -213,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
     leftovers = adopt_workdir(workdir) if workdir is not None else []
 
     from dedloc.logs import setup_logging
-    from dedloc.swarm.addresses import listen_maddr
+    from dedloc.swarm.addresses import announce_maddr, listen_maddr
 
     setup_logging(args.log_level, args.command)
     if leftovers:
@@ -253,7 +262,7 @@ def _run(args: argparse.Namespace) -> int:
                 micro_batch_size=args.micro_batch_size,
                 data=args.data,
                 host_maddrs=[listen_maddr(args.host, args.port)],
-                announce_maddrs=args.announce_maddrs,
+                announce_maddrs=[*args.announce_maddrs, *map(announce_maddr, args.announce)],
                 client_mode=args.client_mode,
                 nat_traversal=args.nat_traversal,
                 volunteer=args.volunteer,

@@ -24,7 +24,7 @@ from rich.text import Text
 from dedloc.errors import SwarmUnreachableError
 from dedloc.lifecycle import GracefulExit
 from dedloc.logs import short_id
-from dedloc.peer.join import expand_join
+from dedloc.swarm.join_url import expand_join
 from dedloc.swarm.access import SwarmAuthorizer, ask_the_desk
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.identity import Identity

@@ -24,11 +24,13 @@ from dedloc.errors import UserInputError
 from dedloc.faults import fault_pause
 from dedloc.lifecycle import GracefulExit, PauseSwitch, raise_open_files_limit
 from dedloc.logs import setup_logging
-from dedloc.swarm.access import AccessRefused, Admission, SwarmAuthorizer, ask_the_desk
+from dedloc.swarm.access import AccessGrant, AccessRefused, Admission, SwarmAuthorizer, ask_the_desk
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.identity import Identity
+from dedloc.swarm.join_url import expand_join
 from dedloc.swarm.node import NetworkOptions, start_dht
 from dedloc.swarm.optimizer import build_optimizer
+from dedloc.swarm.reachability import DialBackListener, announced_ports, listen_host_port, with_port
 from dedloc.swarm.records import metrics_validator
 from dedloc.task.build import PeerTask, build_peer_task
 from dedloc.task.data import peer_data_seed
@@ -121,7 +123,8 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     stop = stop or GracefulExit.install("peer")
     pause = PauseSwitch.install()  # before hivemind forks its processes: they inherit it, and ignore the signals
     raise_open_files_limit()
-    join = parse_join_addresses(read_join_file(options.join_file, options.join_timeout, stop) if options.join_file else options.join)
+    join = parse_join_addresses(read_join_file(options.join_file, options.join_timeout, stop) if options.join_file
+                                 else expand_join(options.join, options.join_timeout, stop))
     if options.micro_batch_size is not None and options.micro_batch_size <= 0:
         raise UserInputError(f"--micro-batch must be positive (got {options.micro_batch_size})")
     if options.volunteer is not None and not (0 < len(options.volunteer) <= 64 and options.volunteer.isprintable()):
@@ -138,12 +141,6 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     identity = Identity.load_or_create(options.identity) if options.identity else Identity.create_ephemeral()
     identity.bind_to_process()
     setup_logging(options.log_level, "peer", identity.peer_id.to_base58())
-    network = NetworkOptions(
-        host_maddrs=options.host_maddrs,
-        announce_maddrs=options.announce_maddrs,
-        nat_traversal=options.nat_traversal,
-        client_mode=options.client_mode,
-    )
     if options.snapshot_dir is not None:
         check_writable_dir(options.snapshot_dir, "--snapshot-dir")
     invite = read_invite(options)
@@ -153,7 +150,25 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     try:
         # the coordinator's desk says whether the run is open, or gives this peer a token (for its invite or
         # its identity), or says why not: a run with an allowlist refuses DHT requests without a token
-        grant = ask_the_desk(identity, join.as_strings, join.coordinator_id, invite)
+        # ...and, unless told to stay in client mode, dials this peer back on the port it is about to listen on
+        host_maddrs, listener = list(options.host_maddrs), None
+        if not options.client_mode:
+            listener = DialBackListener(*listen_host_port(host_maddrs[0]))
+            host_maddrs[0] = with_port(host_maddrs[0], listener.port)  # the port just checked (0: one picked now)
+        try:
+            grant = ask_the_desk(
+                identity, join.as_strings, join.coordinator_id, invite,
+                dial_back=listener.request(announced_ports(options.announce_maddrs)) if listener else None,
+            )
+        finally:
+            if listener is not None:
+                listener.close()
+        network = NetworkOptions(
+            host_maddrs=host_maddrs,
+            announce_maddrs=options.announce_maddrs,
+            nat_traversal=options.nat_traversal,
+            client_mode=options.client_mode or not reachable_by_others(grant, options.announce_maddrs),
+        )
         if grant is not None and grant.token is None and invite is not None:
             logger.warning("this run is open (the coordinator keeps no allowlist): the invite is not needed")
         dht = start_dht(
@@ -243,6 +258,25 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         if dht is not None:
             dht.shutdown()
         identity.discard()
+
+
+def reachable_by_others(grant: Optional[AccessGrant], announce_maddrs: Sequence[str]) -> bool:
+    """Whether this peer should accept incoming connections, from the coordinator's dial-back (see
+    :mod:`dedloc.swarm.reachability`): yes where it reached the peer, and where it could not tell (a
+    coordinator that did not answer the question); no — client mode — where it tried and failed."""
+    if grant is None or grant.reachable is None:
+        logger.info("the coordinator did not say whether it can connect back to this peer: accepting connections")
+        return True
+    if grant.reachable:
+        logger.info(f"the coordinator connected back to this peer at {', '.join(grant.reachable)}: accepting connections")
+        return True
+    advice = (f"check that {', '.join(announce_maddrs)} is forwarded to this machine" if announce_maddrs else
+              "a port forwarded on the router (--port and --announce HOST:PORT) would let it help more")
+    logger.warning(
+        "the coordinator could not connect back to this peer (behind NAT or a firewall, or listening on "
+        f"loopback only): running in client mode, which opens every connection itself and still trains; {advice}"
+    )
+    return False
 
 
 def place_task(task: PeerTask, config: RunConfig, device: torch.device, precision: Precision, micro_batch: int,

@@ -451,7 +451,7 @@ class PeerTrainer:
         """Cut off from the swarm: train no further (what this peer would compute alone is lost anyway),
         and offer nobody this peer's state; once back in touch, take the swarm's state if other peers
         trained meanwhile. Gradients accumulated before the outage are dropped with the download."""
-        for averager in self.averagers():
+        for averager in self.state_servers():
             averager.state_sharing_priority = -1.0
         while self.contact.lost.is_set() and not self.stop.is_set() and not self.run_finished():
             self.stop.wait(0.5)
@@ -462,7 +462,7 @@ class PeerTrainer:
         others = online_peers(records.values(), exclude=self.peer_id)
         if not others:
             logger.info(f"no other peer trained while this one was cut off: continuing from step {self.opt.local_epoch}")
-            for averager in self.averagers():
+            for averager in self.state_servers():
                 averager.state_sharing_priority = self.opt.local_epoch
             return
         swarm_step = max(m.step for m in others)
@@ -472,10 +472,10 @@ class PeerTrainer:
         )
         self.catch_up(swarm_step)
 
-    def averagers(self) -> list:
+    def state_servers(self) -> list:
         """The optimizer's averagers that serve state: the state averager, and the gradient averager
-        except in DiLoCo mode (which has none)."""
-        return [a for a in (self.opt.state_averager, self.opt.grad_averager) if a is not None]
+        except in DiLoCo mode (which has none); none in client mode."""
+        return [a for a in (self.opt.state_averager, self.opt.grad_averager) if a is not None and not a.client_mode]
 
     def catch_up(self, swarm_step: int, attempts: int = 6) -> None:
         """Download the swarm's state until this peer is at ``swarm_step`` or later, retrying with backoff.

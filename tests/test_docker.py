@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dedloc.cli import build_parser
-from dedloc.peer.join import is_join_url, join_endpoint
+from dedloc.swarm.join_url import is_join_url, join_endpoint
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"

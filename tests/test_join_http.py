@@ -19,7 +19,7 @@ from coordinator.run_view import RunView
 from dedloc.config import default_run_config
 from dedloc.errors import EXIT_UNREACHABLE, EXIT_USER_ERROR, SwarmUnreachableError, UserInputError
 from dedloc.lifecycle import GracefulExit
-from dedloc.peer.join import MAX_JOIN_ANSWER, expand_join, fetch_join_addresses, join_endpoint
+from dedloc.swarm.join_url import MAX_JOIN_ANSWER, expand_join, fetch_join_addresses, join_endpoint
 from dedloc.swarm.addresses import parse_join_addresses
 from dedloc.swarm.records import RunManifest
 

@@ -170,6 +170,14 @@ class Network:
                     "latency", "200ms", namespace=namespace)
         host.up_mbit, host.down_mbit = up_mbit, down_mbit
 
+    def refuse_incoming(self, host: Host) -> None:
+        """Make ``host`` drop every incoming TCP connection attempt (SYN) while its own outgoing
+        connections work: a home router without port forwarding, or a firewall."""
+        if shutil.which("iptables") is None:
+            raise LabUnavailable("the `iptables` command is not installed")
+        subprocess.run(host.command(["iptables", "-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP"]),
+                       check=True, capture_output=True, timeout=30)
+
     def cut(self, host: Host) -> None:
         """Take the host's link down: its packets are dropped, as when a home router goes away."""
         _ip("link", "set", host.link, "down")
@@ -204,7 +212,7 @@ class LoopbackHost(Host):
 class LoopbackNetwork:
     """The lab where namespaces cannot be made: every host is this machine's loopback (127.0.0.1) and
     commands run as they are. Rates are recorded but not enforced; :meth:`cut` and :meth:`restore`
-    raise :class:`LabUnavailable`, so scenarios that cut links skip with the reason. Processes are
+    (and :meth:`refuse_incoming`) raise :class:`LabUnavailable`, so scenarios that cut links skip with the reason. Processes are
     the lab swarm's to stop; there is nothing else to remove."""
 
     def __init__(self):
@@ -223,6 +231,9 @@ class LoopbackNetwork:
 
     def restore(self, host: Host) -> None:
         raise LabUnavailable("restoring a host's link needs network namespaces (root)")
+
+    def refuse_incoming(self, host: Host) -> None:
+        raise LabUnavailable("a host that refuses incoming connections needs network namespaces (root)")
 
     def close(self) -> None:
         pass

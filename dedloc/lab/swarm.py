@@ -158,9 +158,12 @@ class LabSwarm:
             time.sleep(0.2)
 
     def start_peer(self, name: str, up_mbit: Optional[float] = None, down_mbit: Optional[float] = None,
-                   extra: tuple[str, ...] = (), env: Optional[dict] = None) -> LabNode:
-        """``extra``: more ``dedloc peer`` arguments; ``env``: extra environment variables."""
+                   extra: tuple[str, ...] = (), env: Optional[dict] = None, incoming: bool = True) -> LabNode:
+        """``extra``: more ``dedloc peer`` arguments; ``env``: extra environment variables; ``incoming=False``:
+        the peer's host drops incoming connection attempts (behind NAT, as far as others can tell)."""
         host = self.network.add_host(name, up_mbit, down_mbit)
+        if not incoming:
+            self.network.refuse_incoming(host)
         workdir = self.workdir / name
         workdir.mkdir(parents=True, exist_ok=True)
         if self.allowlist is not None:  # the coordinator re-reads the file: the peer is admitted by its identity

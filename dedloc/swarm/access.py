@@ -126,18 +126,31 @@ def parse_token(data: object) -> Optional[AccessToken]:
 
 @dataclass(frozen=True)
 class AccessGrant:
-    """What the coordinator answered: a token (None for an open run) and its own public key."""
+    """What the coordinator answered: a token (None for an open run), its own public key, and — when it
+    was asked to dial back (:mod:`dedloc.swarm.reachability`) — the addresses at which it reached this
+    node (None: not asked, or it could not tell)."""
 
     token: Optional[AccessToken]
     authority: RSAPublicKey
+    reachable: Optional[tuple[str, ...]] = None
 
 
 class AccessRefused(UserInputError):
     """The coordinator refused this peer (not on the allowlist, revoked, clock off): exit code 2."""
 
 
-def access_request(identity: Identity, invite: Optional[str]) -> bytes:
-    return MSGPackSerializer.dumps(dict(invite=invite, public_key=identity.public_key.to_bytes(), time=get_dht_time()))
+def access_request(identity: Identity, invite: Optional[str], dial_back: Optional[dict] = None) -> bytes:
+    """The request to the desk; ``dial_back``: also ask it to connect back (``DialBackListener.request()``)."""
+    fields = dict(invite=invite, public_key=identity.public_key.to_bytes(), time=get_dht_time())
+    if dial_back is not None:
+        fields["dial_back"] = dial_back
+    return MSGPackSerializer.dumps(fields)
+
+
+def _reachable(value: object) -> Optional[tuple[str, ...]]:
+    if not isinstance(value, list) or len(value) > 16 or not all(isinstance(v, str) and len(v) <= 100 for v in value):
+        return None
+    return tuple(value)
 
 
 def clock_skew_message(skew: float) -> str:
@@ -164,8 +177,9 @@ def read_access_answer(data: bytes, coordinator_id: PeerID) -> AccessGrant:
     skew = get_dht_time() - float(their_time)
     if abs(skew) > CLOCK_TOLERANCE:
         raise AccessRefused(clock_skew_message(skew))
+    reachable = _reachable(answer.get("reachable"))
     if answer.get("error") == "open":
-        return AccessGrant(None, authority)
+        return AccessGrant(None, authority, reachable)
     if "error" in answer:
         raise AccessRefused(f"the coordinator {message or 'refused this peer'}" if answer.get("error") == "refused"
                             else message or "the coordinator refused this peer")
@@ -173,11 +187,11 @@ def read_access_answer(data: bytes, coordinator_id: PeerID) -> AccessGrant:
     problem = "no token" if token is None else token_problem(token, authority)
     if problem is not None:
         raise SwarmUnreachableError(f"the coordinator issued an unusable access token ({problem})")
-    return AccessGrant(token, authority)
+    return AccessGrant(token, authority, reachable)
 
 
 def request_access(identity: Identity, join_maddrs: list[str], coordinator_id: PeerID, invite: Optional[str],
-                   timeout: float = 30.0) -> AccessGrant:
+                   timeout: float = 30.0, dial_back: Optional[dict] = None) -> AccessGrant:
     """Ask the coordinator for a token before joining (a libp2p node of this identity that only dials
     out, for the length of the request). :class:`SwarmUnreachableError` when the coordinator does not
     answer, :class:`AccessRefused` when it refuses."""
@@ -189,7 +203,7 @@ def request_access(identity: Identity, join_maddrs: list[str], coordinator_id: P
         )
         try:
             response = await asyncio.wait_for(
-                p2p.call_protobuf_handler(coordinator_id, ACCESS_HANDLER, ExpertRequest(metadata=access_request(identity, invite)),
+                p2p.call_protobuf_handler(coordinator_id, ACCESS_HANDLER, ExpertRequest(metadata=access_request(identity, invite, dial_back)),
                                           ExpertResponse),
                 timeout,
             )
@@ -212,13 +226,15 @@ def request_access(identity: Identity, join_maddrs: list[str], coordinator_id: P
 
 
 def ask_the_desk(identity: Identity, join_maddrs: list[str], coordinator_id: PeerID, invite: Optional[str],
-                 timeout: float = 30.0) -> Optional[AccessGrant]:
+                 timeout: float = 30.0, dial_back: Optional[dict] = None) -> Optional[AccessGrant]:
     """What a node asks before joining: a token for its invite or identity, or the news that the run is
-    open. :class:`AccessRefused` when it may not join. Without an invite, a desk that cannot be reached
-    (within a third of ``timeout``) gives None: the node joins as for an open run, through whichever
-    join address answers — a run with an allowlist then refuses it at the DHT."""
+    open (and, with ``dial_back``, whether the coordinator can connect back to it). :class:`AccessRefused`
+    when it may not join. Without an invite, a desk that cannot be reached (within a third of
+    ``timeout``) gives None: the node joins as for an open run, through whichever join address answers —
+    a run with an allowlist then refuses it at the DHT."""
     try:
-        return request_access(identity, join_maddrs, coordinator_id, invite, timeout=timeout if invite else timeout / 3)
+        return request_access(identity, join_maddrs, coordinator_id, invite, timeout=timeout if invite else timeout / 3,
+                              dial_back=dial_back)
     except SwarmUnreachableError as e:
         if invite is not None:
             raise

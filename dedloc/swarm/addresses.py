@@ -6,6 +6,8 @@ published run config must be signed with. Further addresses are extra bootstrap 
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,3 +78,22 @@ def listen_maddr(host: str, port: int) -> str:
         raise UserInputError(f"--host must be an IP address (got {host!r})")
     family = "ip6" if ":" in host else "ip4"
     return parse_maddr(f"/{family}/{host}/tcp/{port}").__str__()
+
+
+def announce_maddr(text: str) -> str:
+    """``--announce HOST:PORT`` (``[IPv6]:PORT`` for IPv6; HOST an IP address or a DNS name) as the
+    multiaddr to announce; :class:`UserInputError` when malformed."""
+    found = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\s/\[\]]+):(\d{1,5})", text.strip())
+    if found is None:
+        raise UserInputError(f"--announce {text!r} must be HOST:PORT, e.g. 203.0.113.7:31337 (a port forwarded to this machine)")
+    host, port = (found.group(1), found.group(2)) if found.group(1) else (found.group(3), found.group(4))
+    if not 0 < int(port) < 65536:
+        raise UserInputError(f"--announce {text!r}: the port must be in 1..65535")
+    try:
+        ip = ipaddress.ip_address(host)
+        return f"/{'ip6' if ip.version == 6 else 'ip4'}/{ip}/tcp/{int(port)}"
+    except ValueError:
+        pass
+    if not re.fullmatch(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+", host) or host.replace(".", "").isdigit():
+        raise UserInputError(f"--announce {text!r}: {host!r} is neither an IP address nor a host name")
+    return f"/dns/{host.rstrip('.')}/tcp/{int(port)}"

@@ -535,8 +535,10 @@ def build_optimizer(
     """A :class:`SwarmOptimizer` (``hivemind.Optimizer``) for ``model`` under the swarm's ``prefix`` (see
     :attr:`RunManifest.swarm_prefix`): every ``step()`` adds ``micro_batch_size`` samples.
 
-    Client mode comes from the DHT (hivemind's Optimizer ignores its own ``client_mode`` argument
-    when it is set, see ``client_mode if client_mode is None else dht.client_mode`` in hivemind 1.1.12).
+    Client mode comes from the DHT. It is passed explicitly: hivemind 1.1.12's Optimizer takes the DHT's
+    mode only when given a value (``client_mode if client_mode is None else dht.client_mode``), and
+    without one keeps ``None``, so its own ``if not self.client_mode`` paths would offer the state of
+    a client-mode peer, whose averagers refuse that with a ValueError.
     """
     averaging = config.averaging
     # hivemind warns (and may deadlock in rare cases) when requests may outlive matchmaking
@@ -573,6 +575,7 @@ def build_optimizer(
         optimizer = SwarmOptimizer(
             dht=dht,
             run_id=prefix,
+            client_mode=bool(dht.client_mode),
             target_batch_size=config.training.target_batch_size,
             batch_size_per_step=micro_batch_size,
             params=model.parameters(),
