@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept no incoming connections (default: chosen at start, by whether the coordinator can connect back)",
     )
     peer.add_argument("--nat-traversal", action="store_true", help="let libp2p map ports and probe reachability")
+    peer.add_argument(
+        "--auxiliary", action="store_true",
+        help="train nothing: help the swarm average (a CPU machine with a good uplink that others can reach)",
+    )
     peer.add_argument("--volunteer", help="your name on the run's leaderboard")
     peer.add_argument("--snapshot-dir", type=Path, help="write this peer's final model here when it leaves")
     peer.add_argument("--threads", type=_positive_int, help="CPU threads for training")
@@ -272,6 +276,7 @@ def _run(args: argparse.Namespace) -> int:
                 device=args.device,
                 precision=args.precision,
                 cache_dir=args.cache_dir,
+                auxiliary=args.auxiliary,
                 log_level=args.log_level,
             )
         )

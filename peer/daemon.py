@@ -31,11 +31,11 @@ from dedloc.swarm.join_url import expand_join
 from dedloc.swarm.node import NetworkOptions, start_dht
 from dedloc.swarm.optimizer import build_optimizer
 from dedloc.swarm.reachability import DialBackListener, announced_ports, listen_host_port, with_port
-from dedloc.swarm.records import metrics_validator
-from dedloc.task.build import PeerTask, build_peer_task
+from dedloc.swarm.records import RunManifest, metrics_validator
+from dedloc.task.build import PeerTask, build_peer_task, hf_tokenizer
 from dedloc.task.data import peer_data_seed
 from dedloc.task.gpu_busy import BusyGpuWatcher, other_gpu_processes
-from dedloc.task.model import count_parameters
+from dedloc.task.model import build_model, count_parameters
 from dedloc.task.device import (
     ComputePlan,
     Precision,
@@ -48,6 +48,7 @@ from dedloc.task.device import (
 )
 
 from .access import AccessKeeper
+from .auxiliary import AuxiliaryHelper
 from .join import read_join_file, wait_for_manifest
 from .progress_view import ProgressView
 from .trainer import PeerTrainer
@@ -87,6 +88,8 @@ class PeerOptions:
     """``auto`` (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
     cache_dir: Optional[Path] = None
     """Where the micro-batch size found for a GPU is kept (default: ``~/.cache/dedloc``)."""
+    auxiliary: bool = False
+    """Train nothing; help the swarm average (see :mod:`dedloc.peer.auxiliary`)."""
     log_level: str = "info"
     extra_env: dict = field(default_factory=dict)
 
@@ -134,7 +137,9 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         )
     if options.threads is not None:
         torch.set_num_threads(options.threads)
-    device = resolve_device(options.device)
+    if options.auxiliary:
+        check_auxiliary_options(options)
+    device = resolve_device("cpu" if options.auxiliary else options.device)
     precision = choose_precision(device, options.precision)
     searching = device.type == "cuda" and options.micro_batch_size is None
     micro_batch_cache = MicroBatchCache(options.cache_dir or default_cache_dir()) if searching else None
@@ -169,6 +174,10 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
             nat_traversal=options.nat_traversal,
             client_mode=options.client_mode or not reachable_by_others(grant, options.announce_maddrs),
         )
+        if options.auxiliary and network.client_mode:
+            raise UserInputError("an auxiliary peer must accept incoming connections (the others send it their "
+                                 "gradients), and the coordinator could not connect back to this one: forward a "
+                                 "port to it (--port, --announce HOST:PORT) or run it where others can reach it")
         if grant is not None and grant.token is None and invite is not None:
             logger.warning("this run is open (the coordinator keeps no allowlist): the invite is not needed")
         dht = start_dht(
@@ -192,6 +201,8 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
             f"micro-batch {micro_batch}, total steps {config.training.total_steps}"
         )
         dht.add_validators([metrics_validator(manifest.swarm_prefix)])
+        if options.auxiliary:
+            return run_auxiliary(dht, manifest, join.coordinator_id, stop, verbose=options.log_level == "debug")
         cache_dir = options.workdir / "cache" if options.workdir else None
         task = build_peer_task(
             config,
@@ -258,6 +269,33 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         if dht is not None:
             dht.shutdown()
         identity.discard()
+
+
+def check_auxiliary_options(options: PeerOptions) -> None:
+    """An auxiliary peer trains nothing: options about training, or against being reached, are mistakes."""
+    conflicts = [flag for flag, given in (
+        ("--client-mode", options.client_mode), ("--snapshot-dir", options.snapshot_dir is not None),
+        ("--micro-batch", options.micro_batch_size is not None), ("--data", options.data is not None),
+        ("--pause-when-busy", options.pause_when_busy), ("--device", options.device not in ("auto", "cpu")),
+        ("--precision", options.precision not in ("auto", "fp32")),
+    ) if given]
+    if conflicts:
+        raise UserInputError(f"--auxiliary peers train nothing and must be reachable: drop {', '.join(conflicts)}")
+
+
+def run_auxiliary(dht, manifest: RunManifest, coordinator_id, stop: GracefulExit, verbose: bool = False) -> int:
+    """Help the swarm average until the run ends or a stop is requested (see :mod:`.auxiliary`)."""
+    config = manifest.config
+    if config.mode == "diloco":
+        raise UserInputError("auxiliary peers help with the gradient all-reduce of synchronous runs; this run "
+                             "is in DiLoCo mode (it averages parameters once per outer step)")
+    model = build_model(config.model, hf_tokenizer(config, manifest.tokenizer_json), seed=config.training.seed)
+    optimizer = build_optimizer(dht, config, manifest.swarm_prefix, model, None, verbose=verbose, auxiliary=True)
+    try:
+        AuxiliaryHelper(dht, coordinator_id, optimizer, stop, config.training.total_steps).run()
+    finally:
+        optimizer.shutdown()
+    return 130 if stop.is_set() else 0
 
 
 def reachable_by_others(grant: Optional[AccessGrant], announce_maddrs: Sequence[str]) -> bool:

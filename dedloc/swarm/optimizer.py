@@ -125,10 +125,14 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
     A newcomer — a peer whose gradient rounds have not yet completed one since it joined or downloaded
     the swarm's state (:meth:`rejoined`) — and a peer with no samples accumulated when its round is
     scheduled reduce no share of the round (see :class:`ReducerShares`): the others do not wait on it.
+    An auxiliary peer (hivemind's ``AveragingMode.AUX``: it sends no gradients) always reduces its
+    share; :attr:`numbers_reduced` counts what it reduced in the rounds it completed, and each such
+    round is logged.
     """
 
     def __init__(self, *args, **kwargs):
         self.rounds_completed = mp.Value("i", 0)  # shared with the averager's background process
+        self.numbers_reduced = mp.Value("q", 0)  # an auxiliary peer's share of the rounds it completed
         self._completed_at_join = 0
         self.attack = active_attack()  # a scripted bad volunteer (attack benchmark) only
         super().__init__(*args, **kwargs)
@@ -147,8 +151,12 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
     def newcomer(self) -> bool:
         return self.rounds_completed.value == self._completed_at_join
 
+    @property
+    def auxiliary(self) -> bool:
+        return self.mode == AveragingMode.AUX
+
     def schedule_step(self, *args, **kwargs):
-        self.announce(reduces=not self.newcomer and self.local_samples_accumulated > 0)
+        self.announce(reduces=self.auxiliary or (not self.newcomer and self.local_samples_accumulated > 0))
         return super().schedule_step(*args, **kwargs)
 
     round_samples = 0  # samples this peer brought to its latest gradient round
@@ -159,16 +167,25 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
         logger.info(f"averaging gradients (round {self.rounds_begun}, {self.local_samples_accumulated} local samples)")
         if self.attack == "attack-weight":
             weight = 1000.0 * max(1, self.local_samples_accumulated)
-        if weight is None and self.local_samples_accumulated == 0:
+        if weight is None and self.local_samples_accumulated == 0 and not self.auxiliary:
             # a peer with nothing accumulated takes part with a negligible weight, never zero: a group
             # whose weights all were zero would average to 0/0 (hivemind's reducer divides by their sum)
             weight = NEGLIGIBLE_WEIGHT
         return super().step(*args, weight=weight, **kwargs)
 
-    async def _aggregate_with_group(self, *args, **kwargs):
-        gathered = await super()._aggregate_with_group(*args, **kwargs)
+    async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
+        registered = self._running_groups[group_info.group_id]  # resolves to the round's AllReduceRunner
+        gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
         with self.rounds_completed.get_lock():
             self.rounds_completed.value += 1
+        runner = registered.result() if registered.done() and not registered.cancelled() else None
+        if self.auxiliary and runner is not None:
+            reducer = runner.tensor_part_reducer
+            share = sum(shape.numel() for shape in reducer.part_shapes)
+            with self.numbers_reduced.get_lock():
+                self.numbers_reduced.value += share
+            logger.info(f"helped average gradients: reduced {share} of {runner.tensor_part_container.total_size} "
+                        f"numbers for {len(runner.sender_peer_ids)} peers")
         return gathered
 
 
@@ -314,7 +331,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     grad_averager: Optional[ReportingGradientAverager]  # None in DiLoCo mode
 
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
-        if self.grad_averager is not None:
+        if self.grad_averager is not None or self.auxiliary:
             return super().step(closure, batch_size, grad_scaler)
         # DiLoCo mode: hivemind reports every micro-batch as accumulated, except when the step found this
         # peer out of sync (it downloads the state instead); samples computed on a state that waits for a
@@ -510,6 +527,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         averager = self.grad_averager
         # a round that was begun and failed: its gradients are this peer's own, already in the averager's
         # buffers, and the accumulators were reset when the round began
+        if self.auxiliary:  # no gradients of its own, no optimizer step
+            logger.info("a gradient round this auxiliary peer was to help with failed")
+            averager.notify_used_averaged_gradients()
+            return
         failed_round = averager._new_averaged_grads and averager.local_times_accumulated == 0
         samples = averager.round_samples if failed_round else averager.local_samples_accumulated
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
@@ -529,11 +550,14 @@ def build_optimizer(
     config: RunConfig,
     prefix: str,
     model: torch.nn.Module,
-    micro_batch_size: int,
+    micro_batch_size: Optional[int],
     verbose: bool = False,
+    auxiliary: bool = False,
 ) -> SwarmOptimizer:
     """A :class:`SwarmOptimizer` (``hivemind.Optimizer``) for ``model`` under the swarm's ``prefix`` (see
-    :attr:`RunManifest.swarm_prefix`): every ``step()`` adds ``micro_batch_size`` samples.
+    :attr:`RunManifest.swarm_prefix`): every ``step()`` adds ``micro_batch_size`` samples. ``auxiliary``
+    (``micro_batch_size`` None): a peer that computes nothing and helps average (hivemind's auxiliary
+    mode; see :mod:`dedloc.peer.auxiliary`).
 
     Client mode comes from the DHT. It is passed explicitly: hivemind 1.1.12's Optimizer takes the DHT's
     mode only when given a value (``client_mode if client_mode is None else dht.client_mode``), and
@@ -576,6 +600,7 @@ def build_optimizer(
             dht=dht,
             run_id=prefix,
             client_mode=bool(dht.client_mode),
+            auxiliary=auxiliary,
             target_batch_size=config.training.target_batch_size,
             batch_size_per_step=micro_batch_size,
             params=model.parameters(),
@@ -597,7 +622,7 @@ def build_optimizer(
             verbose=verbose,
             **mode_opts,
         )
-    if config.mode == "diloco":
+    if config.mode == "diloco" and not auxiliary:
         optimizer.outer = OuterStep(model.parameters(), config.diloco)
     return optimizer
 

@@ -189,6 +189,11 @@ class CheckedReduction:
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: Optional[bytes] = None, **kwargs):
+        # hivemind 1.1.12's _aggregate_with_group reads every member's mode from the gathered data but does
+        # not hand it to the runner (no issue filed upstream), which then derives the modes from the
+        # shares: an auxiliary peer with a share counted as a sender, and the others waited for its (zero,
+        # weight-0) gradients and sent it the average. The modes the members announced are passed here
+        kwargs.setdefault("modes", tuple(AveragingMode(self.serializer.loads(entry)[1]) for entry in group_info.gathered))
         if self.unchecked:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         # hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_, building dedloc's runner: the
