@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--volunteer", help="your name on the run's leaderboard")
     peer.add_argument("--snapshot-dir", type=Path, help="write this peer's final model here when it leaves")
     peer.add_argument("--threads", type=_positive_int, help="CPU threads for training")
+    peer.add_argument(
+        "--upload-mbps", type=_positive_float, metavar="MBIT_PER_S",
+        help="this machine's upload bandwidth: the share of each all-reduce it reduces (and uploads) follows it "
+             "(default: as a typical home uplink, 20)",
+    )
     peer.add_argument("--pause-when-busy", action="store_true",
                       help="pause contributing while another program uses the GPU heavily (≥ 512 MiB), resume once it "
                            "has been free for 30 s; SIGUSR1/SIGUSR2 pause and resume by hand")
@@ -277,6 +282,7 @@ def _run(args: argparse.Namespace) -> int:
                 precision=args.precision,
                 cache_dir=args.cache_dir,
                 auxiliary=args.auxiliary,
+                upload_mbps=args.upload_mbps,
                 log_level=args.log_level,
             )
         )

@@ -90,6 +90,8 @@ class PeerOptions:
     """Where the micro-batch size found for a GPU is kept (default: ``~/.cache/dedloc``)."""
     auxiliary: bool = False
     """Train nothing; help the swarm average (see :mod:`dedloc.peer.auxiliary`)."""
+    upload_mbps: Optional[float] = None
+    """This machine's upload bandwidth (Mbit/s): the share of each all-reduce it reduces follows it."""
     log_level: str = "info"
     extra_env: dict = field(default_factory=dict)
 
@@ -202,7 +204,8 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         )
         dht.add_validators([metrics_validator(manifest.swarm_prefix)])
         if options.auxiliary:
-            return run_auxiliary(dht, manifest, join.coordinator_id, stop, verbose=options.log_level == "debug")
+            return run_auxiliary(dht, manifest, join.coordinator_id, stop, verbose=options.log_level == "debug",
+                                 upload_mbps=options.upload_mbps)
         cache_dir = options.workdir / "cache" if options.workdir else None
         task = build_peer_task(
             config,
@@ -217,7 +220,8 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         compute = place_task(task, config, device, precision, micro_batch, micro_batch_cache, options.device)
         micro_batch = compute.micro_batch_size
         optimizer = build_optimizer(
-            dht, config, manifest.swarm_prefix, task.model, micro_batch, verbose=options.log_level == "debug"
+            dht, config, manifest.swarm_prefix, task.model, micro_batch, verbose=options.log_level == "debug",
+            upload_mbps=options.upload_mbps,
         )
         logger.info(
             f"ready to train after {time.monotonic() - started:.1f} s (process {os.getpid()}: `kill -USR1 {os.getpid()}` "
@@ -283,14 +287,16 @@ def check_auxiliary_options(options: PeerOptions) -> None:
         raise UserInputError(f"--auxiliary peers train nothing and must be reachable: drop {', '.join(conflicts)}")
 
 
-def run_auxiliary(dht, manifest: RunManifest, coordinator_id, stop: GracefulExit, verbose: bool = False) -> int:
+def run_auxiliary(dht, manifest: RunManifest, coordinator_id, stop: GracefulExit, verbose: bool = False,
+                  upload_mbps: Optional[float] = None) -> int:
     """Help the swarm average until the run ends or a stop is requested (see :mod:`.auxiliary`)."""
     config = manifest.config
     if config.mode == "diloco":
         raise UserInputError("auxiliary peers help with the gradient all-reduce of synchronous runs; this run "
                              "is in DiLoCo mode (it averages parameters once per outer step)")
     model = build_model(config.model, hf_tokenizer(config, manifest.tokenizer_json), seed=config.training.seed)
-    optimizer = build_optimizer(dht, config, manifest.swarm_prefix, model, None, verbose=verbose, auxiliary=True)
+    optimizer = build_optimizer(dht, config, manifest.swarm_prefix, model, None, verbose=verbose, auxiliary=True,
+                                upload_mbps=upload_mbps)
     try:
         AuxiliaryHelper(dht, coordinator_id, optimizer, stop, config.training.total_steps).run()
     finally:

@@ -13,7 +13,7 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.utils.serializer import MSGPackSerializer
 
-from dedloc.swarm.optimizer import ReducerShares, _with_reducers
+from dedloc.swarm.optimizer import DEFAULT_UPLOAD_MBPS, ReducerShares, _with_reducers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,3 +74,33 @@ def test_averagers_that_all_announce_zero_still_average():
             averager.shutdown()
         first.shutdown()
         second.shutdown()
+
+
+def test_a_peer_with_a_lower_upload_cap_reduces_a_smaller_share():
+    capped = _group((5.0, AveragingMode.NODE), (None, AveragingMode.NODE), (None, AveragingMode.NODE))
+    resolved = _with_reducers(capped, MSGPackSerializer)
+    # the others count as a home uplink (DEFAULT_UPLOAD_MBPS), not as the mean of the caps announced
+    assert [MSGPackSerializer.loads(e)[0] for e in resolved.gathered] == [5.0, DEFAULT_UPLOAD_MBPS, DEFAULT_UPLOAD_MBPS]
+    shares = _shares(resolved)
+    assert shares[0] < shares[1] == shares[2] and sum(shares) == 1000
+    # hivemind alone would give the capped peer an equal share (None is the mean of the announced: 5)
+    assert _shares(capped) == (334, 333, 333)
+    # a faster uplink announced gives the larger share; a newcomer (0) still reduces nothing
+    server = _with_reducers(_group((30.0, AveragingMode.NODE), (None, AveragingMode.NODE), (0.0, AveragingMode.NODE)),
+                            MSGPackSerializer)
+    big, small, none = _shares(server)
+    assert big > small > 0 and none == 0
+    # an auxiliary helper announcing nothing reduces a share next to a newcomer
+    aux = _group((None, AveragingMode.AUX), (0.0, AveragingMode.NODE))
+    assert _with_reducers(aux, MSGPackSerializer) is aux and _shares(aux) == (1000, 0)
+
+
+def test_a_peer_keeps_its_upload_cap_between_rounds_it_sits_out():
+    class Member(ReducerShares):
+        bandwidth = 7.5  # as given to the averager (hivemind's ``bandwidth``)
+
+    member = Member()
+    member.announce(reduces=False)
+    assert member.bandwidth == 0.0
+    member.announce(reduces=True)
+    assert member.bandwidth == 7.5

@@ -89,6 +89,11 @@ class ReducerShares:
     group, and when it fails, the others keep their own values for its slice. Such a member announces
     bandwidth 0 (:meth:`announce`) and only sends and receives.
 
+    A member that reduces announces its upload bandwidth when its volunteer set one (``--upload-mbps``,
+    given to the averager as hivemind's ``bandwidth``), else nothing: hivemind's load balancing then
+    sizes the shares by bandwidth, and a member that announced nothing counts as
+    :data:`DEFAULT_UPLOAD_MBPS` next to those that did.
+
     hivemind's load balancing refuses a group in which *every* member announced 0 (an assertion in
     ``load_balance_peers``, 1.1.12): there, every member reduces an equal share instead. All members
     see the same gathered announcements and so agree on the shares.
@@ -96,7 +101,9 @@ class ReducerShares:
 
     def announce(self, reduces: bool) -> None:
         """Announce, in the rounds this peer schedules from now on, whether it reduces a share."""
-        self.bandwidth = None if reduces else 0.0  # None: "as much as the group's average" (hivemind)
+        if not hasattr(self, "_upload_mbps"):
+            self._upload_mbps = self.bandwidth  # as configured; None: "as the group's others" (hivemind)
+        self.bandwidth = self._upload_mbps if reduces else 0.0
 
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
         if logger.isEnabledFor(logging.DEBUG):
@@ -105,17 +112,27 @@ class ReducerShares:
         return await super()._aggregate_with_group(_with_reducers(group_info, self.serializer), *args, **kwargs)
 
 
+DEFAULT_UPLOAD_MBPS = 20.0
+"""The upload bandwidth (Mbit/s) counted for a member that announced none, in a group where another
+announced its own: a home uplink."""
+
+
 def _with_reducers(group_info: GroupInfo, serializer) -> GroupInfo:
-    """``group_info`` itself, or — when no member would reduce a share — a copy in which every member
-    that is not in client mode announces the group's default bandwidth."""
+    """``group_info`` as every member's load balancing should see it: when no member would reduce a
+    share, every member that is not in client mode announces the group's default bandwidth; and where
+    some member announced its upload bandwidth, one that announced none counts as
+    :data:`DEFAULT_UPLOAD_MBPS` (hivemind would count it as the mean of the announced ones)."""
     announced = [serializer.loads(entry) for entry in group_info.gathered]  # [bandwidth, mode, user data]
-    if any(bandwidth != 0 and AveragingMode(mode) != AveragingMode.CLIENT for bandwidth, mode, _ in announced):
+    reducing = [bandwidth != 0 and AveragingMode(mode) != AveragingMode.CLIENT for bandwidth, mode, _ in announced]
+    if not any(reducing):
+        announced = [[None if AveragingMode(mode) != AveragingMode.CLIENT else bandwidth, mode, user_data]
+                     for bandwidth, mode, user_data in announced]
+    elif any(isinstance(b, (int, float)) and b > 0 for b, _, _ in announced) and any(b is None for b, _, _ in announced):
+        announced = [[DEFAULT_UPLOAD_MBPS if bandwidth is None else bandwidth, mode, user_data]
+                     for bandwidth, mode, user_data in announced]
+    else:
         return group_info
-    gathered = tuple(
-        serializer.dumps([None if AveragingMode(mode) != AveragingMode.CLIENT else bandwidth, mode, user_data])
-        for bandwidth, mode, user_data in announced
-    )
-    return dataclasses.replace(group_info, gathered=gathered)
+    return dataclasses.replace(group_info, gathered=tuple(serializer.dumps(entry) for entry in announced))
 
 
 class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, GradientAverager):
@@ -553,11 +570,13 @@ def build_optimizer(
     micro_batch_size: Optional[int],
     verbose: bool = False,
     auxiliary: bool = False,
+    upload_mbps: Optional[float] = None,
 ) -> SwarmOptimizer:
     """A :class:`SwarmOptimizer` (``hivemind.Optimizer``) for ``model`` under the swarm's ``prefix`` (see
     :attr:`RunManifest.swarm_prefix`): every ``step()`` adds ``micro_batch_size`` samples. ``auxiliary``
     (``micro_batch_size`` None): a peer that computes nothing and helps average (hivemind's auxiliary
-    mode; see :mod:`dedloc.peer.auxiliary`).
+    mode; see :mod:`dedloc.peer.auxiliary`). ``upload_mbps``: the volunteer's upload bandwidth, announced
+    to the groups this peer averages with (see :class:`ReducerShares`).
 
     Client mode comes from the DHT. It is passed explicitly: hivemind 1.1.12's Optimizer takes the DHT's
     mode only when given a value (``client_mode if client_mode is None else dht.client_mode``), and
@@ -573,6 +592,7 @@ def build_optimizer(
         # wait longer (download_chunk_timeout, below)
         "sender_timeout": averaging.sender_timeout,
         "reducer_timeout": 2 * averaging.sender_timeout,
+        "bandwidth": upload_mbps,
     }
     if averaging.target_group_size is not None:
         averager_opts["target_group_size"] = averaging.target_group_size
