@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
         help="auto (the default): bf16 on GPUs that support it, fp16 with loss scaling on older GPUs, fp32 on CPU",
     )
-    peer.add_argument("--cache-dir", type=Path, help="where the micro-batch found for a GPU is kept (default: ~/.cache/dedloc)")
+    peer.add_argument("--cache-dir", type=Path,
+                      help="dedloc's cache: the micro-batch found for a GPU, and the run's data unless --workdir "
+                           "is given (default: ~/.cache/dedloc)")
+    peer.add_argument("--cache-limit-mb", type=_positive_int, metavar="MB",
+                      help="disk the data cache may use: older runs' data is deleted beyond it (default: no limit)")
     peer.add_argument("--data", help="local copy of the run's data source (overrides the run's)")
     peer.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     peer.add_argument("--port", type=_port, default=0, help="TCP port to listen on (default: any free port)")
@@ -283,6 +287,7 @@ def _run(args: argparse.Namespace) -> int:
                 cache_dir=args.cache_dir,
                 auxiliary=args.auxiliary,
                 upload_mbps=args.upload_mbps,
+                cache_limit_mb=args.cache_limit_mb,
                 log_level=args.log_level,
             )
         )

@@ -33,6 +33,7 @@ from dedloc.swarm.optimizer import build_optimizer
 from dedloc.swarm.reachability import DialBackListener, announced_ports, listen_host_port, with_port
 from dedloc.swarm.records import RunManifest, metrics_validator
 from dedloc.task.build import PeerTask, build_peer_task, hf_tokenizer
+from dedloc.task.cache_limit import prune_cache
 from dedloc.task.data import peer_data_seed
 from dedloc.task.gpu_busy import BusyGpuWatcher, other_gpu_processes
 from dedloc.task.model import build_model, count_parameters
@@ -92,6 +93,8 @@ class PeerOptions:
     """Train nothing; help the swarm average (see :mod:`dedloc.peer.auxiliary`)."""
     upload_mbps: Optional[float] = None
     """This machine's upload bandwidth (Mbit/s): the share of each all-reduce it reduces follows it."""
+    cache_limit_mb: Optional[int] = None
+    """Disk the data cache may use; older runs' data is deleted beyond it (see :mod:`dedloc.task.cache_limit`)."""
     log_level: str = "info"
     extra_env: dict = field(default_factory=dict)
 
@@ -151,6 +154,7 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     if options.snapshot_dir is not None:
         check_writable_dir(options.snapshot_dir, "--snapshot-dir")
     invite = read_invite(options)
+    cache_dir = None if options.auxiliary else data_cache_dir(options)
     fault_pause("pause-before-join")  # a late joiner, started and stopped ahead, joins at once when resumed
     started = time.monotonic()
     dht = keeper = None
@@ -206,7 +210,6 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         if options.auxiliary:
             return run_auxiliary(dht, manifest, join.coordinator_id, stop, verbose=options.log_level == "debug",
                                  upload_mbps=options.upload_mbps)
-        cache_dir = options.workdir / "cache" if options.workdir else None
         task = build_peer_task(
             config,
             manifest.tokenizer_json,
@@ -215,6 +218,8 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
             data_override=data,
             cache_dir=cache_dir,
         )
+        if options.cache_limit_mb is not None:
+            limit_data_cache(cache_dir, options.cache_limit_mb, task)
         if stop.is_set():
             return 130
         compute = place_task(task, config, device, precision, micro_batch, micro_batch_cache, options.device)
@@ -273,6 +278,22 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         if dht is not None:
             dht.shutdown()
         identity.discard()
+
+
+def data_cache_dir(options: PeerOptions) -> Path:
+    """Where the run's data is kept tokenized: ``WORKDIR/cache``, else ``data`` in dedloc's cache directory."""
+    path = options.workdir / "cache" if options.workdir else (options.cache_dir or default_cache_dir()) / "data"
+    check_writable_dir(path, "--workdir" if options.workdir else "--cache-dir")
+    return path
+
+
+def limit_data_cache(cache_dir: Path, limit_mb: int, task: PeerTask) -> None:
+    """Hold the data cache to ``limit_mb``, keeping the current run's data (see :func:`prune_cache`)."""
+    in_use = [Path(f["filename"]).parent for f in getattr(task.stream.blocks, "cache_files", [])]
+    result = prune_cache(cache_dir, limit_mb * 2**20, in_use)
+    if result.kept_over_limit:
+        logger.warning(f"this run's data needs {result.used / 2**20:.0f} MB of cache, over --cache-limit-mb {limit_mb}: "
+                       f"kept, since the peer trains on it ({cache_dir})")
 
 
 def check_auxiliary_options(options: PeerOptions) -> None:

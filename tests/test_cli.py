@@ -65,6 +65,11 @@ def test_flags_are_validated():
     assert_clean_error(dedloc("peer", "--join", f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}", "--volunteer", "x" * 65), 2, "--volunteer")
     assert_clean_error(dedloc("status", "--join", f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}", "--timeout", "0"), 2, "positive")
     assert_clean_error(dedloc("coordinator", "--dashboard-port", "70000"), 2, "0..65535")
+    join = ("peer", "--join", f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}")
+    assert_clean_error(dedloc(*join, "--announce", "203.0.113.7"), 2, "--announce", "HOST:PORT")
+    assert_clean_error(dedloc(*join, "--auxiliary", "--client-mode"), 2, "--auxiliary", "--client-mode")
+    assert_clean_error(dedloc(*join, "--upload-mbps", "0"), 2, "positive")
+    assert_clean_error(dedloc(*join, "--cache-dir", "/proc/no-such-dir"), 2, "--cache-dir", "not writable")
 
 
 def test_unreachable_swarm_exits_3_quickly():
