@@ -131,8 +131,6 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     stop = stop or GracefulExit.install("peer")
     pause = PauseSwitch.install()  # before hivemind forks its processes: they inherit it, and ignore the signals
     raise_open_files_limit()
-    join = parse_join_addresses(read_join_file(options.join_file, options.join_timeout, stop) if options.join_file
-                                 else expand_join(options.join, options.join_timeout, stop))
     if options.micro_batch_size is not None and options.micro_batch_size <= 0:
         raise UserInputError(f"--micro-batch must be positive (got {options.micro_batch_size})")
     if options.volunteer is not None and not (0 < len(options.volunteer) <= 64 and options.volunteer.isprintable()):
@@ -151,6 +149,8 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     identity = Identity.load_or_create(options.identity) if options.identity else Identity.create_ephemeral()
     identity.bind_to_process()
     setup_logging(options.log_level, "peer", identity.peer_id.to_base58())
+    join = parse_join_addresses(read_join_file(options.join_file, options.join_timeout, stop) if options.join_file
+                                else expand_join(options.join, options.join_timeout, stop))
     if options.snapshot_dir is not None:
         check_writable_dir(options.snapshot_dir, "--snapshot-dir")
     invite = read_invite(options)
