@@ -125,6 +125,7 @@ async def _serve(dht: hivemind.DHT, node, desk: AccessDesk) -> None:
         answer = desk.answer(fields, context.remote_id)
         if "dial_back" in fields and answer.get("error") in (None, "open"):
             answer["reachable"] = await dial_back(node.p2p, context.remote_id, fields["dial_back"])
+            answer["time"] = get_dht_time()  # the dial-back's seconds are not clock skew
         return ExpertResponse(metadata=MSGPackSerializer.dumps(answer))
 
     await node.p2p.add_protobuf_handler(ACCESS_HANDLER, handle, ExpertRequest)

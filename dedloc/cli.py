@@ -43,6 +43,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _upload_mbps(text: str) -> float:
+    value = _positive_float(text)
+    if not 0.1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"expected an upload bandwidth in Mbit/s between 0.1 and 100000, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -181,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--snapshot-dir", type=Path, help="write this peer's final model here when it leaves")
     peer.add_argument("--threads", type=_positive_int, help="CPU threads for training")
     peer.add_argument(
-        "--upload-mbps", type=_positive_float, metavar="MBIT_PER_S",
-        help="this machine's upload bandwidth: the share of each all-reduce it reduces (and uploads) follows it "
-             "(default: as a typical home uplink, 20)",
+        "--upload-mbps", type=_upload_mbps, metavar="MBIT_PER_S",
+        help="this machine's upload bandwidth (0.1-100000): the share of each all-reduce it reduces (and uploads) "
+             "follows it, within 4x of its group's median (default: as a typical home uplink, 20)",
     )
     peer.add_argument("--pause-when-busy", action="store_true",
                       help="pause contributing while another program uses the GPU heavily (≥ 512 MiB), resume once it "

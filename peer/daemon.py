@@ -7,6 +7,7 @@ train → (at the end) wait for the coordinator's final checkpoint → optional 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -162,10 +163,15 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         # the coordinator's desk says whether the run is open, or gives this peer a token (for its invite or
         # its identity), or says why not: a run with an allowlist refuses DHT requests without a token
         # ...and, unless told to stay in client mode, dials this peer back on the port it is about to listen on
+        # (not with --nat-traversal: the port mapping it asks the router for does not exist yet)
         host_maddrs, listener = list(options.host_maddrs), None
-        if not options.client_mode:
-            listener = DialBackListener(*listen_host_port(host_maddrs[0]))
+        listen_host, listen_port = listen_host_port(host_maddrs[0])
+        if not options.client_mode and not options.nat_traversal:
+            listener = DialBackListener(listen_host, listen_port)
             host_maddrs[0] = with_port(host_maddrs[0], listener.port)  # the port just checked (0: one picked now)
+        if options.announce_maddrs and listen_port == 0:
+            logger.warning("--announce names a forwarded port, but this peer listens on a port picked at random: "
+                           "pass --port, the port the router forwards to")
         try:
             grant = ask_the_desk(
                 identity, join.as_strings, join.coordinator_id, invite,
@@ -174,22 +180,36 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         finally:
             if listener is not None:
                 listener.close()
+        reachable = options.client_mode or reachable_by_others(grant if listener else None, options.announce_maddrs,
+                                                               listen_host)
         network = NetworkOptions(
             host_maddrs=host_maddrs,
-            announce_maddrs=options.announce_maddrs,
+            # where the coordinator reached this peer is what the others can dial (p2pd would announce every
+            # interface address: a private one behind a 1:1 NAT, say)
+            announce_maddrs=options.announce_maddrs or announce_where_reached(grant if listener else None, listen_host),
             nat_traversal=options.nat_traversal,
-            client_mode=options.client_mode or not reachable_by_others(grant, options.announce_maddrs),
+            client_mode=options.client_mode or not reachable,
         )
         if options.auxiliary and network.client_mode:
             raise UserInputError("an auxiliary peer must accept incoming connections (the others send it their "
-                                 "gradients), and the coordinator could not connect back to this one: forward a "
-                                 "port to it (--port, --announce HOST:PORT) or run it where others can reach it")
+                                 "gradients), and the coordinator could not connect back to this one: listen where "
+                                 "others can reach it (--host 0.0.0.0) and forward a port to it (--port, --announce HOST:PORT)")
         if grant is not None and grant.token is None and invite is not None:
             logger.warning("this run is open (the coordinator keeps no allowlist): the invite is not needed")
-        dht = start_dht(
-            identity, network, initial_peers=join.as_strings, validators=[RSASignatureValidator()],
-            stop=stop.requested, authorizer=SwarmAuthorizer(grant.authority, grant.token) if grant and grant.token else None,
+        dht_options = dict(
+            initial_peers=join.as_strings, validators=[RSASignatureValidator()], stop=stop.requested,
+            authorizer=SwarmAuthorizer(grant.authority, grant.token) if grant and grant.token else None,
         )
+        try:
+            dht = start_dht(identity, network, **dht_options)
+        except UserInputError:
+            if listen_port != 0 or host_maddrs == list(options.host_maddrs):
+                raise
+            # the port the dial-back picked was taken in the meantime: any free one, reachability unknown
+            logger.warning(f"port {listener.port} was taken before this peer could listen on it: using another")
+            network.host_maddrs = list(options.host_maddrs)
+            network.announce_maddrs = list(options.announce_maddrs)
+            dht = start_dht(identity, network, **dht_options)
         if grant is not None and grant.token is not None:
             Admission(grant.authority, join.coordinator_id).bind_to_process()
             keeper = AccessKeeper(dht, identity, join.coordinator_id, invite, grant.token,
@@ -208,8 +228,11 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         )
         dht.add_validators([metrics_validator(manifest.swarm_prefix)])
         if options.auxiliary:
-            return run_auxiliary(dht, manifest, join.coordinator_id, stop, verbose=options.log_level == "debug",
+            code = run_auxiliary(dht, manifest, join.coordinator_id, stop, verbose=options.log_level == "debug",
                                  upload_mbps=options.upload_mbps)
+            if keeper is not None and keeper.refused:
+                raise AccessRefused(keeper.refused)
+            return code
         task = build_peer_task(
             config,
             manifest.tokenizer_json,
@@ -292,8 +315,9 @@ def limit_data_cache(cache_dir: Path, limit_mb: int, task: PeerTask) -> None:
     in_use = [Path(f["filename"]).parent for f in getattr(task.stream.blocks, "cache_files", [])]
     result = prune_cache(cache_dir, limit_mb * 2**20, in_use)
     if result.kept_over_limit:
-        logger.warning(f"this run's data needs {result.used / 2**20:.0f} MB of cache, over --cache-limit-mb {limit_mb}: "
-                       f"kept, since the peer trains on it ({cache_dir})")
+        logger.warning(f"the data cache {cache_dir} holds {result.used / 2**20:.0f} MB, over --cache-limit-mb {limit_mb}, "
+                       f"with nothing older left to delete: this run's data ({result.in_use / 2**20:.0f} MB) is kept, "
+                       "since the peer trains on it")
 
 
 def check_auxiliary_options(options: PeerOptions) -> None:
@@ -303,6 +327,7 @@ def check_auxiliary_options(options: PeerOptions) -> None:
         ("--micro-batch", options.micro_batch_size is not None), ("--data", options.data is not None),
         ("--pause-when-busy", options.pause_when_busy), ("--device", options.device not in ("auto", "cpu")),
         ("--precision", options.precision not in ("auto", "fp32")),
+        ("--volunteer", options.volunteer is not None),  # (the leaderboard counts trained samples only)
     ) if given]
     if conflicts:
         raise UserInputError(f"--auxiliary peers train nothing and must be reachable: drop {', '.join(conflicts)}")
@@ -325,18 +350,37 @@ def run_auxiliary(dht, manifest: RunManifest, coordinator_id, stop: GracefulExit
     return 130 if stop.is_set() else 0
 
 
-def reachable_by_others(grant: Optional[AccessGrant], announce_maddrs: Sequence[str]) -> bool:
+def announce_where_reached(grant: Optional[AccessGrant], listen_host: str) -> list[str]:
+    """The addresses the coordinator reached this peer at, to announce instead of p2pd's interface
+    addresses (a private one behind a 1:1 NAT, say) — unless they are loopback addresses while this
+    peer listens beyond loopback (peer and coordinator on one machine: others may come from elsewhere)."""
+    if grant is None or not grant.reachable:
+        return []
+    def loopback(maddr: str) -> bool:
+        return ipaddress.ip_address(maddr.split("/")[2]).is_loopback
+    if all(loopback(m) for m in grant.reachable) and not ipaddress.ip_address(listen_host).is_loopback:
+        return []
+    return list(grant.reachable)
+
+
+def reachable_by_others(grant: Optional[AccessGrant], announce_maddrs: Sequence[str], listen_host: str) -> bool:
     """Whether this peer should accept incoming connections, from the coordinator's dial-back (see
     :mod:`dedloc.swarm.reachability`): yes where it reached the peer, and where it could not tell (a
-    coordinator that did not answer the question); no — client mode — where it tried and failed."""
+    coordinator that did not answer the question, or none asked); no — client mode — where it tried and failed."""
     if grant is None or grant.reachable is None:
-        logger.info("the coordinator did not say whether it can connect back to this peer: accepting connections")
+        if grant is not None:
+            logger.warning("the coordinator did not say whether it can connect back to this peer (an older "
+                           "dedloc?): accepting connections; behind NAT, pass --client-mode")
         return True
     if grant.reachable:
         logger.info(f"the coordinator connected back to this peer at {', '.join(grant.reachable)}: accepting connections")
         return True
-    advice = (f"check that {', '.join(announce_maddrs)} is forwarded to this machine" if announce_maddrs else
-              "a port forwarded on the router (--port and --announce HOST:PORT) would let it help more")
+    if ipaddress.ip_address(listen_host).is_loopback:
+        advice = f"this peer listens on {listen_host} only: --host 0.0.0.0 lets others reach it where the network does"
+    elif announce_maddrs:
+        advice = f"check that {', '.join(announce_maddrs)} is forwarded to this machine's --port"
+    else:
+        advice = "a port forwarded on the router (--port and --announce HOST:PORT) would let it help more"
     logger.warning(
         "the coordinator could not connect back to this peer (behind NAT or a firewall, or listening on "
         f"loopback only): running in client mode, which opens every connection itself and still trains; {advice}"

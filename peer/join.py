@@ -65,6 +65,3 @@ def read_join_file(path: Path, timeout: float, stop: GracefulExit, poll: float =
         raise UserInputError(f"cannot read join file {path}: {e.strerror or e}") from None
     except (ValueError, KeyError, TypeError):
         raise UserInputError(f"{path} is not a join file written by `dedloc coordinator --join-file`") from None
-
-
-# --- the coordinator's dashboard as the join address ----------------------------------------------

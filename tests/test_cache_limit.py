@@ -38,7 +38,7 @@ def test_the_oldest_datasets_go_first_and_the_one_in_use_stays(tmp_path):
     # alone over the limit, the dataset in use is kept and the caller is told
     result = prune_cache(tmp_path, 2**20, in_use=[current])
     assert current.exists() and result.kept_over_limit and result.freed == 0
-    assert prune_cache(tmp_path / "missing", 1) == PruneResult(0, 0, False)
+    assert prune_cache(tmp_path / "missing", 1) == PruneResult(0, 0, False, 0)
 
 
 def test_a_peer_cache_keeps_the_current_run_and_drops_an_earlier_one(tmp_path):

@@ -69,6 +69,7 @@ def test_flags_are_validated():
     assert_clean_error(dedloc(*join, "--announce", "203.0.113.7"), 2, "--announce", "HOST:PORT")
     assert_clean_error(dedloc(*join, "--auxiliary", "--client-mode"), 2, "--auxiliary", "--client-mode")
     assert_clean_error(dedloc(*join, "--upload-mbps", "0"), 2, "positive")
+    assert_clean_error(dedloc(*join, "--upload-mbps", "1e39"), 2, "between 0.1 and 100000")
     assert_clean_error(dedloc(*join, "--cache-dir", "/proc/no-such-dir"), 2, "--cache-dir", "not writable")
 
 

@@ -110,3 +110,25 @@ def test_the_desk_dials_back_the_port_the_peer_names_at_the_address_it_comes_fro
         assert ask_the_desk(peer, join, coordinator_identity.peer_id, None).reachable is None
     finally:
         peer.discard()
+
+
+def test_a_malformed_dial_back_answer_gives_no_verdict():
+    """What the desk answers comes from the network: only well-formed addresses count as a verdict."""
+    from hivemind.utils import MSGPackSerializer, get_dht_time
+
+    from dedloc.swarm.access import read_access_answer
+
+    coordinator = Identity.create_ephemeral()
+    try:
+        def answer(reachable):
+            return read_access_answer(MSGPackSerializer.dumps(dict(
+                time=get_dht_time(), authority=coordinator.public_key.to_bytes(), error="open", reachable=reachable,
+            )), coordinator.peer_id).reachable
+
+        assert answer(["/ip4/10.0.0.2/tcp/4242", "/ip6/::1/tcp/80"]) == ("/ip4/10.0.0.2/tcp/4242", "/ip6/::1/tcp/80")
+        assert answer([]) == ()
+        for bad in ("/ip4/10.0.0.2/tcp/4242", ["/dns/x/tcp/1"], ["/ip4/999.0.0.1/tcp/1"], ["/ip4/10.0.0.2/tcp/0"],
+                    [b"/ip4/10.0.0.2/tcp/1"], ["/ip4/10.0.0.2/tcp/1"] * 17, None):
+            assert answer(bad) is None, bad
+    finally:
+        coordinator.discard()

@@ -13,7 +13,8 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.utils.serializer import MSGPackSerializer
 
-from dedloc.swarm.optimizer import DEFAULT_UPLOAD_MBPS, ReducerShares, _with_reducers
+from dedloc.swarm.optimizer import ReducerShares, _with_reducers
+from dedloc.swarm.reduction import reduction_shares
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,23 +77,23 @@ def test_averagers_that_all_announce_zero_still_average():
         second.shutdown()
 
 
-def test_a_peer_with_a_lower_upload_cap_reduces_a_smaller_share():
-    capped = _group((5.0, AveragingMode.NODE), (None, AveragingMode.NODE), (None, AveragingMode.NODE))
-    resolved = _with_reducers(capped, MSGPackSerializer)
-    # the others count as a home uplink (DEFAULT_UPLOAD_MBPS), not as the mean of the caps announced
-    assert [MSGPackSerializer.loads(e)[0] for e in resolved.gathered] == [5.0, DEFAULT_UPLOAD_MBPS, DEFAULT_UPLOAD_MBPS]
-    shares = _shares(resolved)
-    assert shares[0] < shares[1] == shares[2] and sum(shares) == 1000
-    # hivemind alone would give the capped peer an equal share (None is the mean of the announced: 5)
-    assert _shares(capped) == (334, 333, 333)
-    # a faster uplink announced gives the larger share; a newcomer (0) still reduces nothing
-    server = _with_reducers(_group((30.0, AveragingMode.NODE), (None, AveragingMode.NODE), (0.0, AveragingMode.NODE)),
-                            MSGPackSerializer)
-    big, small, none = _shares(server)
-    assert big > small > 0 and none == 0
-    # an auxiliary helper announcing nothing reduces a share next to a newcomer
-    aux = _group((None, AveragingMode.AUX), (0.0, AveragingMode.NODE))
-    assert _with_reducers(aux, MSGPackSerializer) is aux and _shares(aux) == (1000, 0)
+def test_shares_follow_the_announced_upload_within_bounds():
+    node, client, aux = AveragingMode.NODE, AveragingMode.CLIENT, AveragingMode.AUX
+    # a capped peer reduces less; one announcing nothing counts as a home uplink
+    assert reduction_shares(1000, [(5.0, node), (None, node), (None, node)]) == (111, 445, 444)
+    assert reduction_shares(1000, [(None, node), (None, node)]) == (500, 500)
+    # a claim far above the others' counts as 4 x their median, never the whole vector
+    # (hivemind's linear program gives a member only twice as fast everything)
+    assert reduction_shares(1000, [(1e9, node), (None, node), (None, node)]) == (668, 166, 166)
+    assert load_balance_peers(1000, [40.0, 20.0, 20.0]) == (1000, 0, 0)
+    # newcomers (0), client-mode members and nonsense reduce nothing; an auxiliary helper reduces
+    assert reduction_shares(1000, [(None, aux), (0.0, node), (7.0, client)]) == (1000, 0, 0)
+    assert reduction_shares(100, [(float("nan"), node), (-3.0, node), (None, node)]) == (0, 0, 100)
+    # nobody reducing: every member not in client mode takes an equal share
+    assert reduction_shares(1000, [(0.0, node), (0.0, node), (None, client)]) == (500, 500, 0)
+    # every member computes the same split from the same announcements, and all of it is assigned
+    shares = reduction_shares(107952, [(3.3, node), (12.5, node), (None, aux), (0.0, node)])
+    assert sum(shares) == 107952 and shares == reduction_shares(107952, [(3.3, node), (12.5, node), (None, aux), (0.0, node)])
 
 
 def test_a_peer_keeps_its_upload_cap_between_rounds_it_sits_out():

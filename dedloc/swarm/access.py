@@ -23,8 +23,10 @@ their tokens and publishes the revoked names, which every averager checks before
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -148,8 +150,17 @@ def access_request(identity: Identity, invite: Optional[str], dial_back: Optiona
 
 
 def _reachable(value: object) -> Optional[tuple[str, ...]]:
-    if not isinstance(value, list) or len(value) > 16 or not all(isinstance(v, str) and len(v) <= 100 for v in value):
+    """The desk's ``reachable`` answer: None unless a list of at most 16 ``/ip4|ip6/IP/tcp/PORT`` addresses."""
+    if not isinstance(value, list) or len(value) > 16:
         return None
+    for item in value:
+        found = re.fullmatch(r"/(ip4|ip6)/([0-9a-fA-F.:]{2,45})/tcp/(\d{1,5})", item) if isinstance(item, str) else None
+        try:
+            if found is None or not 0 < int(found.group(3)) < 65536:
+                return None
+            ipaddress.ip_address(found.group(2))
+        except ValueError:
+            return None
     return tuple(value)
 
 

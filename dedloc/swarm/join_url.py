@@ -21,6 +21,10 @@ from dedloc.lifecycle import GracefulExit
 
 logger = logging.getLogger(__name__)
 
+# the dashboard is on the private network: an http_proxy set for the internet (common in containers)
+# must not stand between a peer and `http://coordinator:8080`
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 JOIN_ROUTE = "/api/join"
 MAX_JOIN_ANSWER = 64 * 1024
 """Bytes read from an ``/api/join`` answer at most (a real one is a few hundred)."""
@@ -99,7 +103,7 @@ def fetch_join_addresses(url: str, timeout: float, stop: GracefulExit, poll: flo
         attempt_timeout = max(0.5, min(5.0, deadline - time.monotonic()))
         try:
             request = urllib.request.Request(endpoint, headers={"Accept": "application/json"})
-            with urllib.request.urlopen(request, timeout=attempt_timeout) as response:
+            with _DIRECT.open(request, timeout=attempt_timeout) as response:
                 body = response.read(MAX_JOIN_ANSWER + 1)
             join = _parse_join_answer(body, endpoint)
             logger.info(f"join addresses from {endpoint}: {' '.join(join)}")

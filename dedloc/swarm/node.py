@@ -105,12 +105,14 @@ def start_dht(
     except Exception as e:
         _discard(dht)
         text = f"{type(e).__name__}: {e}".strip().splitlines()[-1]
+        if isinstance(e, P2PDaemonError) and "address already in use" in text:
+            raise UserInputError(f"cannot listen on {', '.join(network.host_maddrs)}: {text}") from None
         if initial_peers:
             raise SwarmUnreachableError(
                 f"cannot reach the swarm at {', '.join(initial_peers)} ({text}); check the address, and whether "
-                "this machine can reach it (behind NAT, add --client-mode)"
+                "this machine can reach it"
             ) from None
-        if isinstance(e, P2PDaemonError) and ("address already in use" in text or "listen" in text):
+        if isinstance(e, P2PDaemonError) and "listen" in text:
             raise UserInputError(f"cannot listen on {', '.join(network.host_maddrs)}: {text}") from None
         raise
     _make_command_pipe_blocking(dht)

@@ -90,9 +90,8 @@ class ReducerShares:
     bandwidth 0 (:meth:`announce`) and only sends and receives.
 
     A member that reduces announces its upload bandwidth when its volunteer set one (``--upload-mbps``,
-    given to the averager as hivemind's ``bandwidth``), else nothing: hivemind's load balancing then
-    sizes the shares by bandwidth, and a member that announced nothing counts as
-    :data:`DEFAULT_UPLOAD_MBPS` next to those that did.
+    given to the averager as hivemind's ``bandwidth``), else nothing; the shares then follow the
+    bandwidths, within bounds (:func:`dedloc.swarm.reduction.reduction_shares`).
 
     hivemind's load balancing refuses a group in which *every* member announced 0 (an assertion in
     ``load_balance_peers``, 1.1.12): there, every member reduces an equal share instead. All members
@@ -112,27 +111,18 @@ class ReducerShares:
         return await super()._aggregate_with_group(_with_reducers(group_info, self.serializer), *args, **kwargs)
 
 
-DEFAULT_UPLOAD_MBPS = 20.0
-"""The upload bandwidth (Mbit/s) counted for a member that announced none, in a group where another
-announced its own: a home uplink."""
-
-
 def _with_reducers(group_info: GroupInfo, serializer) -> GroupInfo:
-    """``group_info`` as every member's load balancing should see it: when no member would reduce a
-    share, every member that is not in client mode announces the group's default bandwidth; and where
-    some member announced its upload bandwidth, one that announced none counts as
-    :data:`DEFAULT_UPLOAD_MBPS` (hivemind would count it as the mean of the announced ones)."""
+    """``group_info`` itself, or — when no member would reduce a share — a copy in which every member
+    that is not in client mode announces the group's default bandwidth (hivemind's load balancing,
+    which runs before dedloc's split replaces its result, asserts otherwise)."""
     announced = [serializer.loads(entry) for entry in group_info.gathered]  # [bandwidth, mode, user data]
-    reducing = [bandwidth != 0 and AveragingMode(mode) != AveragingMode.CLIENT for bandwidth, mode, _ in announced]
-    if not any(reducing):
-        announced = [[None if AveragingMode(mode) != AveragingMode.CLIENT else bandwidth, mode, user_data]
-                     for bandwidth, mode, user_data in announced]
-    elif any(isinstance(b, (int, float)) and b > 0 for b, _, _ in announced) and any(b is None for b, _, _ in announced):
-        announced = [[DEFAULT_UPLOAD_MBPS if bandwidth is None else bandwidth, mode, user_data]
-                     for bandwidth, mode, user_data in announced]
-    else:
+    if any(bandwidth != 0 and AveragingMode(mode) != AveragingMode.CLIENT for bandwidth, mode, _ in announced):
         return group_info
-    return dataclasses.replace(group_info, gathered=tuple(serializer.dumps(entry) for entry in announced))
+    gathered = tuple(
+        serializer.dumps([None if AveragingMode(mode) != AveragingMode.CLIENT else bandwidth, mode, user_data])
+        for bandwidth, mode, user_data in announced
+    )
+    return dataclasses.replace(group_info, gathered=gathered)
 
 
 class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, GradientAverager):

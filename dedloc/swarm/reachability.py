@@ -76,6 +76,8 @@ class DialBackListener:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as p2pd's own IPv6 listener: IPv4 is not answered on it
+            self._socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             self._socket.bind((host, port))
             self._socket.listen(16)
@@ -102,14 +104,18 @@ class DialBackListener:
             except OSError:
                 return
             self.connections += 1
-            with connection:
-                try:
-                    connection.settimeout(DIAL_TIMEOUT)
-                    connection.sendall(MAGIC + self.nonce)
-                    # the dialling side closes first: no connection of this port is left in TIME_WAIT here
-                    connection.recv(1)
-                except OSError:
-                    pass
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        """Send the nonce (one thread per connection: a stranger that lingers holds up nobody)."""
+        with connection:
+            try:
+                connection.settimeout(DIAL_TIMEOUT)
+                connection.sendall(MAGIC + self.nonce)
+                # the dialling side closes first: no connection of this port is left in TIME_WAIT here
+                connection.recv(1)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._closed.set()
@@ -168,6 +174,8 @@ async def observed_ips(p2p: P2P, peer_id: PeerID) -> list[str]:
         if info.peer_id != peer_id:
             continue
         for addr in info.addrs:
+            if "p2p-circuit" in str(addr):  # relayed: the address is the relay's
+                continue
             found = re.match(r"/(ip4|ip6)/([^/]+)/", str(addr))
             if found is None:
                 continue
@@ -180,16 +188,34 @@ async def observed_ips(p2p: P2P, peer_id: PeerID) -> list[str]:
     return ips
 
 
+MAX_CONCURRENT_DIAL_BACKS = 8
+_dial_backs: Optional[asyncio.Semaphore] = None  # the coordinator's, created in its event loop on first use
+_dialling: set = set()  # peers with a dial-back in flight
+
+
 async def dial_back(p2p: P2P, peer_id: PeerID, request: object) -> Optional[list[str]]:
     """Runs on the coordinator: the addresses at which ``peer_id`` answered a dial-back (see the module
-    doc), or None when the request is malformed or the peer's connection cannot be seen."""
+    doc), or None when the request is malformed, the peer's connection cannot be seen, the same peer
+    already has one in flight, or anything fails. At most :data:`MAX_CONCURRENT_DIAL_BACKS` run at once
+    (each at most ``MAX_ADDRESSES × MAX_PORTS`` connections for :data:`DIAL_TIMEOUT`)."""
+    global _dial_backs
     parsed = parse_dial_back_request(request)
-    if parsed is None:
+    if parsed is None or peer_id in _dialling:
         return None
     ports, nonce = parsed
-    ips = await observed_ips(p2p, peer_id)
-    if not ips:
+    if _dial_backs is None:
+        _dial_backs = asyncio.Semaphore(MAX_CONCURRENT_DIAL_BACKS)
+    _dialling.add(peer_id)
+    try:
+        async with _dial_backs:
+            ips = await observed_ips(p2p, peer_id)
+            if not ips:
+                return None
+            reached = await dial_addresses(ips, ports, nonce)
+    except Exception as e:
+        logger.debug(f"dial-back to peer {peer_id.to_base58()} failed: {e!r}")
         return None
-    reached = await dial_addresses(ips, ports, nonce)
+    finally:
+        _dialling.discard(peer_id)
     logger.debug(f"dial-back to peer {peer_id.to_base58()} at {ips} ports {ports}: reached {reached or 'none'}")
     return reached

@@ -25,6 +25,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import hagenbach_bishoff
 from hivemind.averaging.partition import AllreduceException, TensorPartReducer
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
@@ -35,6 +36,36 @@ logger = logging.getLogger(__name__)
 
 Aggregation = Literal["mean", "centered_clip"]
 CLIP_ITERATIONS = 20
+DEFAULT_UPLOAD_MBPS = 20.0
+"""The upload bandwidth (Mbit/s) counted for a reducing member that announced none: a home uplink."""
+SHARE_SPREAD = 4.0
+"""No reducer's bandwidth counts for more than this many times the group's median, nor less than its
+inverse: a volunteer claiming a fast uplink reduces a bounded share, never the whole vector."""
+
+
+def reduction_shares(total_size: int, announced: Sequence[tuple[Optional[float], AveragingMode]]) -> tuple[int, ...]:
+    """How many of the vector's ``total_size`` numbers each member of a group reduces, from what each
+    announced (bandwidth, mode): client-mode members and members announcing 0 reduce none; the others
+    in proportion to their announced upload bandwidth (Mbit/s; none announced: :data:`DEFAULT_UPLOAD_MBPS`),
+    each clamped to within :data:`SHARE_SPREAD` of the reducers' median. With no reducer at all, every
+    member not in client mode reduces an equal share. Exact integer arithmetic on the gathered data, so
+    every member computes the same split (hivemind's load balancing — a linear program — hands the
+    whole vector to a member only twice as fast as the others)."""
+    def usable(bandwidth) -> bool:
+        return isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and math.isfinite(bandwidth) and bandwidth > 0
+
+    reducing = [mode != AveragingMode.CLIENT and (bandwidth is None or usable(bandwidth)) for bandwidth, mode in announced]
+    if not any(reducing):
+        reducing = [mode != AveragingMode.CLIENT for _, mode in announced]
+        scores = [1.0 if r else 0.0 for r in reducing]
+    else:
+        scores = [(DEFAULT_UPLOAD_MBPS if bandwidth is None else float(bandwidth)) if r else 0.0
+                  for (bandwidth, _), r in zip(announced, reducing)]
+        median = sorted(s for s in scores if s > 0)[(sum(1 for s in scores if s > 0) - 1) // 2]
+        scores = [min(max(s, median / SHARE_SPREAD), median * SHARE_SPREAD) if s > 0 else 0.0 for s in scores]
+    if not any(scores):
+        raise AllreduceException("no member of the group can reduce (all are in client mode)")
+    return tuple(hagenbach_bishoff(total_size, scores))
 
 
 def robust_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -193,7 +224,10 @@ class CheckedReduction:
         # not hand it to the runner (no issue filed upstream), which then derives the modes from the
         # shares: an auxiliary peer with a share counted as a sender, and the others waited for its (zero,
         # weight-0) gradients and sent it the average. The modes the members announced are passed here
-        kwargs.setdefault("modes", tuple(AveragingMode(self.serializer.loads(entry)[1]) for entry in group_info.gathered))
+        announced = [self.serializer.loads(entry)[:2] for entry in group_info.gathered]  # (bandwidth, mode)
+        kwargs.setdefault("modes", tuple(AveragingMode(mode) for _, mode in announced))
+        # dedloc's split of the vector replaces hivemind's (computed from the same gathered data)
+        kwargs["peer_fractions"] = reduction_shares(self.total_size, [(b, AveragingMode(m)) for b, m in announced])
         if self.unchecked:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         # hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_, building dedloc's runner: the

@@ -5,7 +5,8 @@ restart does not tokenize again. Over many runs these add up. After the peer has
 run's data, :func:`prune_cache` deletes the least recently written datasets of the cache — each a
 directory holding arrow files, deleted whole — until the cache fits the limit, never the directories
 the current run's data lives in. If the current run's data alone is over the limit, it is kept (the
-peer needs it) and the caller says so.
+peer needs it) and the caller says so. Other files (``datasets``' downloads of hub data, lock files)
+count toward the size but are not deleted.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ class PruneResult:
     used: int
     """Bytes the cache holds afterwards."""
     kept_over_limit: bool
-    """The directories in use alone are over the limit (they were kept)."""
+    """Still over the limit with nothing left to delete: the data in use (kept) and what is not a
+    dataset (downloads, locks) are over it."""
+    in_use: int = 0
+    """Bytes in the directories in use."""
 
 
 def prune_cache(root: Path, limit_bytes: int, in_use: Iterable[Path] = ()) -> PruneResult:
@@ -47,6 +51,7 @@ def prune_cache(root: Path, limit_bytes: int, in_use: Iterable[Path] = ()) -> Pr
     if not root.is_dir():
         return PruneResult(0, 0, False)
     protected = [Path(p).resolve() for p in in_use]
+    in_use_bytes = sum(tree_size(p) for p in protected if p.exists())
 
     def is_protected(directory: Path) -> bool:
         directory = directory.resolve()
@@ -64,4 +69,4 @@ def prune_cache(root: Path, limit_bytes: int, in_use: Iterable[Path] = ()) -> Pr
         logger.info(f"data cache over its limit: deleted {directory} ({size / 2**20:.0f} MB, a dataset no longer in use)")
         used -= size
         freed += size
-    return PruneResult(freed, used, used > limit_bytes)
+    return PruneResult(freed, used, used > limit_bytes, in_use_bytes)
