@@ -12,8 +12,9 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import psutil
 
@@ -21,6 +22,7 @@ from dedloc.errors import EXIT_INTERRUPTED
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
 # a swarm node holds a connection (and p2pd a few sockets) per peer it talks to; hivemind swarms are known
 # to hit "too many open files" under the common soft limit of 1024
@@ -110,6 +112,33 @@ class GracefulExit:
 
     def wait(self, timeout: float) -> bool:
         return self.requested.wait(timeout)
+
+
+def poll_until(
+    probe: Callable[[], Optional[T]],
+    timeout: float,
+    stop: GracefulExit,
+    timed_out: Callable[[], Exception],
+    poll: float = 0.5,
+) -> T:
+    """Call ``probe`` until it returns something other than ``None``, and return that.
+
+    ``probe`` runs at least once, then every ``poll`` seconds until ``timeout`` seconds have passed, when
+    ``timed_out()`` is raised; ``KeyboardInterrupt`` is raised as soon as ``stop`` is set. Exceptions
+    from ``probe`` propagate (a probe raises for an answer that waiting will not change).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result is not None:
+            return result
+        if stop.is_set():
+            raise KeyboardInterrupt
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise timed_out()
+        if stop.wait(min(poll, remaining)):
+            raise KeyboardInterrupt
 
 
 class PauseSwitch:

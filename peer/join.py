@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import hivemind
 from hivemind.p2p import PeerID
 
 from dedloc.errors import SwarmUnreachableError, UserInputError
-from dedloc.lifecycle import GracefulExit
+from dedloc.lifecycle import GracefulExit, poll_until
 from dedloc.swarm.records import RunManifest, fetch_manifest
 
 logger = logging.getLogger(__name__)
@@ -32,29 +31,27 @@ def wait_for_manifest(
     Raises :class:`SwarmUnreachableError` if none shows up, and :class:`IncompatibleSwarmError`
     (from :func:`parse_manifest`) if it is for another protocol version or fails its hashes.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        manifest = fetch_manifest(dht, coordinator_id)
-        if manifest is not None:
-            return manifest
-        if stop.is_set():
-            raise KeyboardInterrupt
-        if time.monotonic() >= deadline:
-            raise SwarmUnreachableError(
-                f"reached the swarm, but no run published by coordinator {coordinator_id.to_base58()} "
-                f"appeared within {timeout:.0f} s: is the address that of a running dedloc coordinator?"
-            )
-        stop.wait(poll)
+    return poll_until(
+        lambda: fetch_manifest(dht, coordinator_id),
+        timeout,
+        stop,
+        lambda: SwarmUnreachableError(
+            f"reached the swarm, but no run published by coordinator {coordinator_id.to_base58()} "
+            f"appeared within {timeout:.0f} s: is the address that of a running dedloc coordinator?"
+        ),
+        poll,
+    )
 
 
 def read_join_file(path: Path, timeout: float, stop: GracefulExit, poll: float = 0.5) -> list[str]:
     """Join addresses from a file the coordinator writes (``--join-file``), waiting for it to appear."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() >= deadline:
-            raise SwarmUnreachableError(f"the coordinator's join file {path} did not appear within {timeout:.0f} s")
-        if stop.wait(poll):
-            raise KeyboardInterrupt
+    poll_until(
+        lambda: True if path.exists() else None,
+        timeout,
+        stop,
+        lambda: SwarmUnreachableError(f"the coordinator's join file {path} did not appear within {timeout:.0f} s"),
+        poll,
+    )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         join = data["join"]

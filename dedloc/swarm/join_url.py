@@ -13,11 +13,11 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from typing import Sequence
+from typing import Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from dedloc.errors import SwarmUnreachableError, UserInputError
-from dedloc.lifecycle import GracefulExit
+from dedloc.lifecycle import GracefulExit, poll_until
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,10 @@ def fetch_join_addresses(url: str, timeout: float, stop: GracefulExit, poll: flo
     """
     endpoint = join_endpoint(url)
     deadline = time.monotonic() + timeout
-    waiting_logged = False
-    while True:
+    last_problem = ""
+
+    def ask() -> Optional[list[str]]:
+        nonlocal last_problem
         attempt_timeout = max(0.5, min(5.0, deadline - time.monotonic()))
         try:
             request = urllib.request.Request(endpoint, headers={"Accept": "application/json"})
@@ -120,18 +122,21 @@ def fetch_join_addresses(url: str, timeout: float, stop: GracefulExit, poll: flo
             problem = f"{getattr(e, 'reason', None) or e}"
         except ValueError as e:  # http.client.InvalidURL and the like: a URL urllib cannot ask
             raise UserInputError(f"malformed join URL {url.strip()!r}: {e}; e.g. {URL_EXAMPLE}") from None
-        if stop.is_set():
-            raise KeyboardInterrupt
-        if time.monotonic() >= deadline:
-            raise SwarmUnreachableError(
-                f"the coordinator's dashboard at {endpoint} gave no join addresses within {timeout:.3g} s "
-                f"(last: {problem}): is the coordinator running, with its dashboard on that host and port?"
-            )
-        if not waiting_logged:
+        if not last_problem:
             logger.info(f"waiting for the coordinator's dashboard at {endpoint} ({problem})")
-            waiting_logged = True
-        if stop.wait(min(poll, max(0.0, deadline - time.monotonic()))):
-            raise KeyboardInterrupt
+        last_problem = problem
+        return None
+
+    return poll_until(
+        ask,
+        timeout,
+        stop,
+        lambda: SwarmUnreachableError(
+            f"the coordinator's dashboard at {endpoint} gave no join addresses within {timeout:.3g} s "
+            f"(last: {last_problem}): is the coordinator running, with its dashboard on that host and port?"
+        ),
+        poll,
+    )
 
 
 def expand_join(values: Sequence[str], timeout: float, stop: GracefulExit) -> list[str]:
