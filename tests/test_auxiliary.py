@@ -59,3 +59,17 @@ def test_an_auxiliary_peer_carries_a_share_of_the_all_reduce(tmp_path, procs):
     history = read_history(coordinator_dir)
     assert [record["step"] for record in history] == list(range(1, 7))
     assert max(record["peers"] for record in history) == 2  # the helper trains nothing: not counted
+
+
+def test_an_auxiliary_peer_refuses_a_diloco_run(tmp_path):
+    """Before it builds anything: a DiLoCo run has no gradient all-reduce to help with."""
+    from types import SimpleNamespace
+
+    from dedloc.config import load_run_config
+    from dedloc.errors import UserInputError
+    from dedloc.lifecycle import GracefulExit
+    from peer.daemon import run_auxiliary
+
+    config = load_run_config(small_run_config(tmp_path / "run.toml", mode="diloco"))
+    with pytest.raises(UserInputError, match="DiLoCo mode"):
+        run_auxiliary(None, SimpleNamespace(config=config), None, GracefulExit("test"))
