@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dedloc.errors import SwarmUnreachableError
-from dedloc.lifecycle import GracefulExit
+from dedloc.lifecycle import GracefulExit, poll_until
 from dedloc.logs import short_id
 from dedloc.swarm.join_url import expand_join
 from dedloc.swarm.access import SwarmAuthorizer, ask_the_desk
@@ -73,18 +73,15 @@ def read_swarm_status(options: StatusOptions, stop: GracefulExit) -> dict:
             validators=[RSASignatureValidator()], startup_timeout=max(1.0, options.timeout - 5.0), stop=stop.requested,
             authorizer=SwarmAuthorizer(grant.authority, grant.token) if grant and grant.token else None,
         )
-        manifest: Optional[ManifestHeader] = None
-        while manifest is None:
-            manifest = fetch_manifest_header(dht, join.coordinator_id, timeout=max(0.5, deadline - time.monotonic()))
-            if manifest is not None:
-                break
-            if time.monotonic() >= deadline:
-                raise SwarmUnreachableError(
-                    f"reached the swarm, but no run published by coordinator {join.coordinator_id.to_base58()} "
-                    f"appeared within {options.timeout:.0f} s: is the address that of a running dedloc coordinator?"
-                )
-            if stop.wait(0.5):
-                raise KeyboardInterrupt
+        manifest: ManifestHeader = poll_until(
+            lambda: fetch_manifest_header(dht, join.coordinator_id, timeout=max(0.5, deadline - time.monotonic())),
+            max(0.0, deadline - time.monotonic()),
+            stop,
+            lambda: SwarmUnreachableError(
+                f"reached the swarm, but no run published by coordinator {join.coordinator_id.to_base58()} "
+                f"appeared within {options.timeout:.0f} s: is the address that of a running dedloc coordinator?"
+            ),
+        )
         remaining = lambda: max(0.5, min(5.0, deadline - time.monotonic()))  # noqa: E731
         status = fetch_status(dht, join.coordinator_id, timeout=remaining())
         summary = fetch_summary(dht, join.coordinator_id, timeout=remaining())
