@@ -205,6 +205,10 @@ class DilocoSection(_Section):
     """Momentum of the outer step (0: none)."""
     nesterov: bool = True
     """Nesterov momentum (DiLoCo's choice); needs ``outer_momentum`` > 0."""
+    overlap: bool = True
+    """Average the parameters in the background while the next local steps run (the outer step lands
+    when the round ends, on top of the local steps taken meanwhile); false: every peer waits for the
+    round to end before its next local step."""
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "DilocoSection":

@@ -511,15 +511,15 @@ class PeerTrainer:
         up to ``FINAL_SYNC_ROUNDS`` rounds. A peer whose round found nobody arrived after the others'
         round: it downloads their state instead.
         """
+        averager = self.opt.state_averager
+        averager.step(wait_for_delayed_updates=True)  # the last regular round, running in the background
         if self.opt.tracker.global_progress.num_peers < 2:
             return  # alone: nobody to agree with
-        averager = self.opt.state_averager
         # peers reach the last step up to a few seconds apart (a slow or recovering one later): the
         # round starts FINAL_SYNC_WINDOWS matchmaking windows from now, and every peer that arrives
         # before the first one's round starts joins it, so they all end with the same parameters
         window = FINAL_SYNC_WINDOWS * self.config.averaging.matchmaking_time
         try:
-            averager.step(wait_for_delayed_updates=True)  # the last regular round, running in the background
             averager.final_round.set()
             for attempt in range(1, FINAL_SYNC_ROUNDS + 1):
                 partial_rounds, rounds_done = averager.partial_rounds.value, averager.rounds_done.value

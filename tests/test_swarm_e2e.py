@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -57,9 +58,14 @@ def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
     for peer in peers:  # the start-up figure the performance doc reports
         assert "first samples contributed" in peer.log_path.read_text(), peer.log_tail(30)
     if overrides.get("mode") == "diloco":
-        for peer in peers:  # an outer step at each of the 6 global steps (alone, on its own parameters)
+        overlapped = 0
+        for peer in peers:  # an outer step at each of the 6 global steps
             outer_steps = [line for line in peer.log_path.read_text().splitlines() if "outer step to step" in line]
             assert len(outer_steps) >= 6, f"{peer.name} took {len(outer_steps)} outer steps:\n{peer.log_tail(30)}"
+            beside = [re.search(r"\((\d+) local steps taken during the round", line) for line in outer_steps]
+            overlapped += sum(int(match.group(1)) > 0 for match in beside if match)
+        # the default overlaps the round with the next local steps: some were taken while a round ran
+        assert overlapped > 0, "no local step was taken beside a parameter round"
 
     # both peers reached the same global step, and their parameters agree
     (step_1, params_1), (step_2, params_2) = (_final_state(tmp_path / "peer-1"), _final_state(tmp_path / "peer-2"))

@@ -11,11 +11,18 @@ Peers that took the same rounds hold the same anchor and momentum and so stay id
 downloaded the swarm's state starts from the downloaded parameters with no momentum: its outer step
 then differs from the others' by a part that shrinks with every round (by a factor
 ``1 − outer_lr`` for the anchor), and a state average brings its parameters level each round.
+
+With ``diloco.overlap`` (the default) the round runs in the background while the peers go on with
+their next local steps: a peer averages the parameters it held at the global step (its *snapshot*),
+and when the round ends it moves the anchor by the outer step on that average and its parameters by
+as much as the anchor moved past the snapshot — the local steps taken during the round are kept on
+top (hivemind's "delta rule"). The outer step then lags the boundary by one round's duration, as in
+streaming/overlapped DiLoCo; at most one round is in flight (the next global step waits for it).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -42,15 +49,24 @@ class OuterStep:
     @torch.no_grad()
     def step(self) -> float:
         """Apply the outer step; returns the L2 norm of the pseudo-gradient (how far the round moved)."""
-        squared = 0.0
+        moved = self.step_anchor([p.detach() for p in self.params])
         for anchor, param in zip(self.anchor, self.params):
-            pseudo_gradient = anchor - param.detach()
+            param.copy_(anchor)
+        return moved
+
+    @torch.no_grad()
+    def step_anchor(self, averaged: Sequence[torch.Tensor]) -> float:
+        """Move the anchor by the outer optimizer along ``anchor − averaged`` (``averaged``: one tensor
+        per parameter, in :attr:`params`' order) without touching the parameters; returns the
+        pseudo-gradient's L2 norm. The overlapped round (:class:`dedloc.swarm.optimizer.CheckedStateAverager`)
+        then moves the parameters by as much as the anchor moved past the values it averaged."""
+        squared = 0.0
+        for anchor, value in zip(self.anchor, averaged):
+            pseudo_gradient = anchor - value.to(anchor.dtype)
             squared += float(pseudo_gradient.float().pow(2).sum())
             anchor.grad = pseudo_gradient
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for anchor, param in zip(self.anchor, self.params):
-            param.copy_(anchor)
         self.steps += 1
         return squared**0.5
 

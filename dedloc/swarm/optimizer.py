@@ -16,7 +16,7 @@ import multiprocessing as mp
 import signal
 import threading
 from functools import partial
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional, Sequence
 
 import hivemind
 import torch
@@ -52,6 +52,14 @@ NEGLIGIBLE_WEIGHT = 1e-6
 # sets the moments' bias correction (a newcomer that took the swarm's steps without an optimizer step
 # of its own counts fewer)
 OPTIMIZER_STATISTICS = ("exp_avg", "exp_avg_sq", "step")
+NON_NEGATIVE_STATISTICS = ("exp_avg_sq", "step")
+
+
+def _local_step_only(averaging_round: bool, kwargs: dict) -> bool:
+    """Whether a ``TrainingStateAverager.step`` call asks for a local optimizer step and nothing else."""
+    others = ("increment_epoch", "zero_grad", "delay_optimizer_step", "wait_for_trigger")
+    return bool(kwargs.get("optimizer_step")) and not averaging_round and not any(kwargs.get(key) for key in others) \
+        and kwargs.get("wait_for_delayed_updates") is not True
 
 
 @contextlib.contextmanager
@@ -248,6 +256,22 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
         self.announce(reduces=not self.receiving)
         return super().schedule_step(*args, **kwargs)
 
+    # DiLoCo mode, overlapped (hivemind's delta rule on): the outer step that ends the round in flight
+    outer_round: Optional[OuterStep] = None
+    outer_round_step: Optional[int] = None  # the global step that round is for (for the log)
+    steps_beside_round = 0  # local steps taken while that round was in flight
+
+    _on_outer_round_applied: Optional[Callable[[], None]] = None
+
+    def begin_outer_round(self, outer: OuterStep, step: int, on_applied: Optional[Callable[[], None]] = None) -> None:
+        """The next background round's result is the swarm's average for ``step``: when it is applied,
+        ``outer`` steps on it (see :meth:`_apply_averaging_results_`), then ``on_applied`` is called."""
+        self.outer_round, self.outer_round_step, self.steps_beside_round = outer, step, 0
+        self._on_outer_round_applied = on_applied
+
+    def cancel_outer_round(self) -> None:
+        self.outer_round = self.outer_round_step = self._on_outer_round_applied = None
+
     def step(self, *args, averaging_round: bool = False, averaging_control=None, averaging_opts=None, **kwargs):
         if averaging_round and averaging_control is None:
             self.announce(reduces=not self.receiving)
@@ -256,9 +280,92 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
                 averaging_control.weight = NEGLIGIBLE_WEIGHT
             else:
                 averaging_opts = {**(averaging_opts or {}), "weight": NEGLIGIBLE_WEIGHT}
+        if self.delta_rule_averaging and self.pending_updates and not args and _local_step_only(averaging_round, kwargs):
+            return self._local_step_beside_round(grad_scaler=kwargs.get("grad_scaler"))
         return super().step(
             *args, averaging_round=averaging_round, averaging_control=averaging_control, averaging_opts=averaging_opts, **kwargs
         )
+
+    def _local_step_beside_round(self, grad_scaler=None) -> None:
+        """A local optimizer step while a background round is in flight (DiLoCo mode, overlapped).
+
+        hivemind 1.1.12's delta rule makes every local step wait for the round in flight
+        (``TrainingStateAverager.step``: ``should_wait`` counts ``optimizer_step``), which would undo the
+        overlap. The step runs here, in the caller's thread, instead: the round averages the snapshot
+        it copied when it began (copied under ``lock_optimizer``, see
+        :meth:`_load_local_tensors_into_averager_`), and its result is applied as a delta on top of the
+        steps taken meanwhile, at the first step after it ended."""
+        super().step(apply_delayed_updates=True)  # a round that has ended is applied first
+        self.steps_beside_round += self.outer_round is not None
+        with self.lock_optimizer:
+            if grad_scaler is None:
+                self.optimizer.step()
+            else:
+                with grad_scaler.running_global_step():
+                    assert grad_scaler.step(self.optimizer)
+            self._update_scheduler()
+
+    @torch.no_grad()
+    def _load_local_tensors_into_averager_(self):
+        # the round's snapshot, copied in hivemind's background thread: never in the middle of a local
+        # step taken beside the round (see _local_step_beside_round)
+        with self.lock_optimizer:
+            super()._load_local_tensors_into_averager_()
+
+    @torch.no_grad()
+    def _apply_averaging_results_(self):
+        """hivemind's application of an ended round — unless it was an overlapped DiLoCo round: then the
+        anchor takes the outer step on the swarm's average of the snapshot, the parameters move by as
+        much as the anchor moved past the snapshot (keeping the local steps taken since), and the
+        optimizer statistics move by the average's difference from the snapshot (hivemind's delta rule;
+        the second moments kept non-negative)."""
+        outer, step, on_applied = self.outer_round, self.outer_round_step, self._on_outer_round_applied
+        self.cancel_outer_round()
+        snapshot, self._old_tensors = self._old_tensors, None  # used once: a failed round sets none
+        if outer is None:
+            self._old_tensors = snapshot
+            return super()._apply_averaging_results_()
+        try:
+            if snapshot is None:  # the round failed before it copied the parameters: the outer step on this peer's own
+                return self._log_outer_step(step, outer.step())
+            self._apply_outer_round(outer, step, snapshot)
+        finally:
+            if on_applied is not None:
+                on_applied()
+
+    @torch.no_grad()
+    def _apply_outer_round(self, outer: OuterStep, step: Optional[int], snapshot: Sequence[torch.Tensor]) -> None:
+        with self.get_tensors() as averaged_tensors:
+            local_tensors = list(self._local_tensors())
+            position = {id(tensor): index for index, tensor in enumerate(local_tensors)}
+            indices = [position[id(param)] for param in outer.params]
+            moved = outer.step_anchor([averaged_tensors[index] for index in indices])
+            for index, anchor in zip(indices, outer.anchor):
+                local_tensors[index].add_((anchor - snapshot[index]).to(local_tensors[index].dtype))
+            stepped = set(indices)
+            non_negative = set(self._statistics_indices(NON_NEGATIVE_STATISTICS))
+            for index, (local, new, old) in enumerate(zip(local_tensors, averaged_tensors, snapshot)):
+                if index in stepped:
+                    continue
+                local.add_((new - old).to(device=local.device, dtype=local.dtype))
+                if index in non_negative:
+                    local.clamp_(min=0)
+        self._log_outer_step(step, moved, f" ({self.steps_beside_round} local steps taken during the round)")
+
+    @staticmethod
+    def _log_outer_step(step: Optional[int], moved: float, note: str = "") -> None:
+        logger.info(f"outer step to step {step}: pseudo-gradient norm {moved:.4f}{note}")
+
+    def _statistics_indices(self, keys) -> list:
+        """Positions, in hivemind's order of averaged tensors, of the optimizer statistics named ``keys``."""
+        indices, index = [], sum(len(group["params"]) for group in self.optimizer.param_groups)
+        for key in self.opt_keys_for_averaging:
+            for group in self.optimizer.param_groups:
+                for _ in group["params"]:
+                    if key in keys:
+                        indices.append(index)
+                    index += 1
+        return indices
 
     @classmethod
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
@@ -293,17 +400,27 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
 class _WithdrawableProgress:
     """The DHT as hivemind's progress tracker sees it: while ``withdrawn`` is set, every progress record
     it stores says "not here" (None, hivemind's own marker for a peer that left), so the swarm stops
-    counting this peer; everything else passes through."""
+    counting this peer; while :meth:`freeze` holds, every record says the step and samples frozen
+    (see :meth:`SwarmOptimizer._update_global_epoch`); everything else passes through."""
 
     def __init__(self, dht: hivemind.DHT, withdrawn: threading.Event):
         self._dht, self._withdrawn = dht, withdrawn
+        self._frozen: Optional[dict] = None
 
     def __getattr__(self, name):
         return getattr(self._dht, name)
 
+    def freeze(self, step: int, samples: int) -> None:
+        self._frozen = {"epoch": step, "samples_accumulated": samples}
+
+    def thaw(self) -> None:
+        self._frozen = None
+
     def store(self, *args, **kwargs):
         if self._withdrawn.is_set():
             kwargs["value"] = None
+        elif self._frozen is not None and isinstance(kwargs.get("value"), dict):
+            kwargs["value"] = {**kwargs["value"], **self._frozen}
         return self._dht.store(*args, **kwargs)
 
 
@@ -443,6 +560,11 @@ class SwarmOptimizer(hivemind.Optimizer):
             return_future=True,
         )
 
+    def _publish_step(self) -> None:
+        """The round begun at the last step has ended: publish this peer's step and samples again."""
+        self.tracker.dht.thaw()
+        self.tracker.report_local_progress(self.local_epoch, self.tracker.local_progress.samples_accumulated)
+
     def rejoin_rotation(self) -> None:
         """Back from a pause: this peer's progress is published again (from its next samples on)."""
         self.withdrawn.clear()
@@ -501,10 +623,27 @@ class SwarmOptimizer(hivemind.Optimizer):
             return
         self._sitting_out = None
         held_step = self.local_epoch
+        averager = self.state_averager
+        overlapped = self.outer is not None and averager.delta_rule_averaging
+        if overlapped:
+            # at most one round in flight: the one before ends, and its outer step lands, first
+            averager.step(wait_for_delayed_updates=True)
+            # the swarm sees this peer at its step, with its samples, until the round has ended: a peer
+            # that has not yet noticed the step still joins the round instead of finding itself a step
+            # behind and downloading the state (the rule of synchronous mode, whose rounds end before
+            # a peer publishes its next step)
+            self.tracker.dht.freeze(self.local_epoch, self.tracker.local_progress.samples_accumulated)
+            averager.begin_outer_round(self.outer, held_step + 1, on_applied=self._publish_step)
         super()._update_global_epoch(grad_scaler)
+        if overlapped and averager.pending_updates and self.local_epoch > held_step:
+            averager.outer_round_step = self.local_epoch  # the outer step lands when the round ends
+            return
+        if overlapped:
+            averager.cancel_outer_round()  # no round began (this peer is alone)
+            self._publish_step()
         if self.outer is not None and self.local_epoch > held_step:
             moved = self.outer.step()
-            logger.info(f"outer step to step {self.local_epoch}: pseudo-gradient norm {moved:.4f}")
+            averager._log_outer_step(self.local_epoch, moved)
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         if self._sitting_out is None:  # a scheduled round that this peer would never trigger stalls the others
@@ -589,9 +728,10 @@ def build_optimizer(
     if config.mode == "diloco":
         mode_opts = dict(
             # every micro-batch steps the (inner) optimizer; each global step averages the parameters,
-            # synchronously, so that the outer step follows on the average
+            # in the background (hivemind's delta rule) or synchronously, and the outer step follows on
+            # the average (see dedloc.swarm.diloco)
             use_local_updates=True,
-            delay_state_averaging=False,
+            delay_state_averaging=config.diloco.overlap,
             average_state_every=1,
         )
     else:
