@@ -22,7 +22,10 @@ progress (a sample computed; for dedloc, the first global step). Printed per sys
 ``--repeats`` runs, with the spread): samples/s summed over the peers and its ratio to ideal; global
 steps in the window; bytes each peer sent per global step (its namespace's interface counter) next to
 the ring all-reduce bound 2(n−1)/n·M (M: the parameters in fp32); the peak memory of a peer (PSS summed
-over its whole process tree, DHT process and p2pd included). Results go to ``throughput.json``.
+over its whole process tree, DHT process and p2pd included); the CPU a peer's process tree used in the
+window, the share of it spent outside the training process (DHT, averager, p2pd: on a machine with
+fewer cores than processes it is taken from training), and the whole machine's busy cores. Results go
+to ``throughput.json``.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ class SystemRun:
     started_s: Optional[float]
     """Seconds from starting the processes to the system's first progress."""
     error: Optional[str] = None
+    peer_cpu: Optional[float] = None
+    """CPU cores one peer's process tree kept busy in the window (mean over the peers)."""
+    side_cpu_share: Optional[float] = None
+    """Share of the peers' CPU time spent outside their training processes (DHT, averager, p2pd)."""
+    machine_cpu: Optional[float] = None
+    """CPU cores the whole machine kept busy in the window (the coordinator and this bench included)."""
 
 
 @dataclass
@@ -96,20 +105,22 @@ class Report:
             f"{self.parameters / 1e6:.2f} M parameters, seq {self.seq_length}, global batch {self.target_batch}; "
             f"window {self.window_s:.0f} s after {self.warmup_s:.0f} s warm-up",
             "| system | samples/s (median) | spread | × ideal | global steps | MB sent/peer/step | bound 2(n−1)/n·M (fp32) | "
-            "peak PSS/peer (MB) | runs (failed) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "peak PSS/peer (MB) | CPU/peer (cores) | side processes' CPU | machine busy (cores) | runs (failed) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for system in dict.fromkeys(run.system for run in self.runs):
             rate = self.median(system, "samples_per_s")
             sent = self.median(system, "bytes_per_peer_per_step")
             steps = self.median(system, "steps_in_window")
             pss = self.median(system, "peak_pss_mb")
+            side = self.median(system, "side_cpu_share")
             runs = [run for run in self.runs if run.system == system]
             lines.append(
                 f"| {system} | {_fmt(rate)} | {self.spread(system, 'samples_per_s')} | "
                 f"{_fmt(rate / ideal if rate is not None and ideal else None, 2)} | {_fmt(steps, 0)} | "
                 f"{_fmt(sent / 1e6 if sent is not None else None, 2)} | {self.bound_bytes / 1e6:.2f} | {_fmt(pss, 0)} | "
-                f"{len(runs)} ({sum(run.error is not None for run in runs)}) |"
+                f"{_fmt(self.median(system, 'peer_cpu'), 2)} | {_fmt(side * 100 if side is not None else None, 0)} % | "
+                f"{_fmt(self.median(system, 'machine_cpu'), 2)} | {len(runs)} ({sum(run.error is not None for run in runs)}) |"
             )
         errors = [f"{run.system}: {run.error}" for run in self.runs if run.error]
         return "\n".join(lines + errors)
@@ -198,6 +209,37 @@ def tree_pss_mb(session_ids: list[int]) -> dict[int, float]:
             if sid in totals:
                 totals[sid] += _pss_kb(int(entry))
     return {sid: kb / 1024 for sid, kb in totals.items()}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def tree_cpu_seconds(session_ids: list[int]) -> dict[int, tuple[float, float]]:
+    """(CPU seconds of the session's leader, of every process in the session) for each session. A
+    process that exits takes its CPU seconds along: read it at both ends of a window and subtract."""
+    totals = {sid: [_cpu_seconds(sid), 0.0] for sid in session_ids}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                sid = os.getsid(int(entry))
+            except OSError:
+                continue
+            if sid in totals:
+                totals[sid][1] += _cpu_seconds(int(entry))
+    return {sid: (main, total) for sid, (main, total) in totals.items()}
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy so far (/proc/stat: all but idle and iowait)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 class MemorySampler(threading.Thread):
@@ -353,13 +395,19 @@ def run_system(system: str, config: Path, peers: int, up: Optional[float], down:
             start, end = first + warmup, first + warmup + window
             time.sleep(max(0.0, start - time.time()))
             sent_before = [sent_bytes(host) for host in running.hosts]
+            cpu_before, busy_before = tree_cpu_seconds(running.session_ids), machine_busy_seconds()
             time.sleep(max(0.0, end - time.time()))
             sent = [sent_bytes(host) - before for host, before in zip(running.hosts, sent_before)]
+            cpu_after, busy = tree_cpu_seconds(running.session_ids), machine_busy_seconds() - busy_before
+            used = {sid: (cpu_after[sid][0] - cpu_before[sid][0], cpu_after[sid][1] - cpu_before[sid][1]) for sid in cpu_after}
+            trees = sum(total for _, total in used.values())
+            side = (trees - sum(main for main, _ in used.values())) / trees if trees > 0 else None
             time.sleep(1.0)  # the progress written at the window's end
             problem = running.alive()
             rate, steps = running.measure(start, end)
             per_step = statistics.fmean(sent) / steps if steps else None
-            return SystemRun(system, rate, steps, per_step, max(sampler.peaks.values()), first - began, problem)
+            return SystemRun(system, rate, steps, per_step, max(sampler.peaks.values()), first - began, problem,
+                             peer_cpu=trees / len(used) / window, side_cpu_share=side, machine_cpu=busy / window)
         finally:
             sampler.done.set()
             running.stop()

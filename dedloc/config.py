@@ -209,6 +209,10 @@ class DilocoSection(_Section):
     """Average the parameters in the background while the next local steps run (the outer step lands
     when the round ends, on top of the local steps taken meanwhile); false: every peer waits for the
     round to end before its next local step."""
+    sender_timeout: float = Field(15.0, gt=0)
+    """``averaging.sender_timeout`` for the parameter rounds of DiLoCo mode: they are large and rare, and
+    with ``overlap`` nobody waits for them, so a groupmate slow to deliver its part on a home uplink is
+    waited for longer rather than left out (which leaves the members with different parameters)."""
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "DilocoSection":

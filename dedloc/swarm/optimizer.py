@@ -726,6 +726,7 @@ def build_optimizer(
     if averaging.target_group_size is not None:
         averager_opts["target_group_size"] = averaging.target_group_size
     if config.mode == "diloco":
+        averager_opts.update(sender_timeout=config.diloco.sender_timeout, reducer_timeout=2 * config.diloco.sender_timeout)
         mode_opts = dict(
             # every micro-batch steps the (inner) optimizer; each global step averages the parameters,
             # in the background (hivemind's delta rule) or synchronously, and the outer step follows on
