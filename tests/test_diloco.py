@@ -117,8 +117,8 @@ def test_overlapped_round_lets_local_steps_run_and_lands_the_outer_step_on_top_o
         mode="diloco",
         training={"target_batch_size": 16, "micro_batch_size": 4},
         averaging={"matchmaking_time": 5.0, "average_optimizer_state": True},
+        diloco={"overlap": True},
     )
-    assert config.diloco.overlap
     local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
     dhts, opts, models = [], [], []
     process_key = RSAPrivateKey._process_wide_key
