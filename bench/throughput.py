@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from dedloc.config import RunConfig, default_run_config
 from dedloc.errors import UserInputError
@@ -197,17 +197,24 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def tree_pss_mb(session_ids: list[int]) -> dict[int, float]:
-    """PSS (MB) of every process of each session (a lab daemon and everything it started)."""
-    totals = {sid: 0 for sid in session_ids}
+def _session_processes(session_ids: list[int]) -> Iterator[tuple[int, int]]:
+    """(session id, pid) of every running process in one of the given sessions."""
+    wanted = set(session_ids)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 sid = os.getsid(int(entry))
             except OSError:
                 continue
-            if sid in totals:
-                totals[sid] += _pss_kb(int(entry))
+            if sid in wanted:
+                yield sid, int(entry)
+
+
+def tree_pss_mb(session_ids: list[int]) -> dict[int, float]:
+    """PSS (MB) of every process of each session (a lab daemon and everything it started)."""
+    totals = {sid: 0 for sid in session_ids}
+    for sid, pid in _session_processes(session_ids):
+        totals[sid] += _pss_kb(pid)
     return {sid: kb / 1024 for sid, kb in totals.items()}
 
 
@@ -224,16 +231,11 @@ def _cpu_seconds(pid: int) -> float:
 def tree_cpu_seconds(session_ids: list[int]) -> dict[int, tuple[float, float]]:
     """(CPU seconds of the session's leader, of every process in the session) for each session. A
     process that exits takes its CPU seconds along: read it at both ends of a window and subtract."""
-    totals = {sid: [_cpu_seconds(sid), 0.0] for sid in session_ids}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                sid = os.getsid(int(entry))
-            except OSError:
-                continue
-            if sid in totals:
-                totals[sid][1] += _cpu_seconds(int(entry))
-    return {sid: (main, total) for sid, (main, total) in totals.items()}
+    leaders = {sid: _cpu_seconds(sid) for sid in session_ids}
+    totals = {sid: 0.0 for sid in session_ids}
+    for sid, pid in _session_processes(session_ids):
+        totals[sid] += _cpu_seconds(pid)
+    return {sid: (leaders[sid], totals[sid]) for sid in session_ids}
 
 
 def machine_busy_seconds() -> float:
