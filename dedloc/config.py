@@ -201,16 +201,17 @@ class DilocoSection(_Section):
     outer_lr: float = Field(0.7, gt=0)
     """Learning rate of the outer step, applied to the swarm's averaged pseudo-gradient (the distance the
     peers' parameters moved since the last outer step)."""
-    outer_momentum: float = Field(0.9, ge=0, lt=1)
-    """Momentum of the outer step (0: none)."""
+    outer_momentum: float = Field(0.5, ge=0, lt=1)
+    """Momentum of the outer step (0: none). DiLoCo's 0.9 overshoots when the outer step lands one round
+    late (``overlap``): in the fidelity run (docs/fidelity.md) 0.9 ended 0.25–0.77 above 0.5 overlapped,
+    and 0.5 overlapped matched both momenta waiting for the round."""
     nesterov: bool = True
     """Nesterov momentum (DiLoCo's choice); needs ``outer_momentum`` > 0."""
-    overlap: bool = False
+    overlap: bool = True
     """Average the parameters in the background while the next local steps run (the outer step lands
     when the round ends, on top of the local steps taken meanwhile, one round late); false: every peer
-    waits for the round to end before its next local step. Off by default: with rounds of a few local
-    steps the late outer step (momentum 0.9) made the loss jump (docs/fidelity.md); it gained 4–8 %
-    samples/s with rounds of 128 local steps (docs/performance.md)."""
+    waits for the round to end before its next local step. Overlapped it gained 4–8 % samples/s with
+    rounds of 128 local steps (docs/performance.md); keep ``outer_momentum`` at 0.5 or below with it."""
     sender_timeout: float = Field(15.0, gt=0)
     """``averaging.sender_timeout`` for the parameter rounds of DiLoCo mode: they are large and rare, and
     with ``overlap`` nobody waits for them, so a groupmate slow to deliver its part on a home uplink is
