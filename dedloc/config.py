@@ -163,6 +163,11 @@ class AveragingSection(_Section):
     """Average parameters and optimizer statistics every this many global steps (keeps peers identical).
     DiLoCo mode averages the parameters at every global step whatever this says: its outer step is
     taken on that average."""
+    delayed_updates: bool = False
+    """Synchronous mode, experimental: average each step's gradients and take its optimizer step in the
+    background while the peers compute the next step's (hivemind's ``delay_grad_averaging`` and
+    ``delay_optimizer_step``: one step of staleness). A peer shows the swarm its old step until its
+    gradient round has ended, so a peer that notices the step a moment later still joins the round."""
     average_optimizer_state: bool = False
     """Also average the optimizer's statistics (Adam's moments and step count) with the parameters, so
     that a newcomer's older moments, or those of a peer that missed a round, are brought level too.

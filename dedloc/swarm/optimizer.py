@@ -451,6 +451,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     last_step: Optional[int] = None  # the run's last step, set by the trainer: no round begins there or past it
     outer: Optional[OuterStep] = None  # DiLoCo mode's outer step
     _downloaded_now = False  # a state download happened inside the current step() call
+    _delayed_round = False  # a gradient round of delayed updates ends in the background thread now
     state_averager: CheckedStateAverager
     grad_averager: Optional[ReportingGradientAverager]  # None in DiLoCo mode
 
@@ -624,6 +625,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._sitting_out = None
         held_step = self.local_epoch
         averager = self.state_averager
+        if self.delay_grad_averaging and self.tracker.global_progress.num_peers > 1:
+            # delayed updates: the previous step's round ends (and shows this peer's step) first; this
+            # step's round runs in the background, and until it ends the swarm sees this peer at its
+            # step with its samples — see _average_gradients_and_load_into_optimizer
+            averager.step(wait_for_delayed_updates=True)
+            self.tracker.dht.freeze(self.local_epoch, self.tracker.local_progress.samples_accumulated)
         overlapped = self.outer is not None and averager.delta_rule_averaging
         if overlapped:
             # at most one round in flight: the one before ends, and its outer step lands, first
@@ -644,6 +651,19 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.outer is not None and self.local_epoch > held_step:
             moved = self.outer.step()
             averager._log_outer_step(self.local_epoch, moved)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        """hivemind's end of a gradient round. With delayed updates it runs in the state averager's
+        background thread while the next step's micro-batches accumulate, so a failed round falls back
+        to the gradients the round began with (in the averager's buffers), never to the accumulators,
+        and when it is over this peer shows the swarm its new step."""
+        self._delayed_round = self.delay_grad_averaging and maybe_step_control is not None
+        try:
+            super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        finally:
+            self._delayed_round = False
+            if self.delay_grad_averaging:
+                self._publish_step()
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         if self._sitting_out is None:  # a scheduled round that this peer would never trigger stalls the others
@@ -677,7 +697,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             logger.info("a gradient round this auxiliary peer was to help with failed")
             averager.notify_used_averaged_gradients()
             return
-        failed_round = averager._new_averaged_grads and averager.local_times_accumulated == 0
+        failed_round = (averager._new_averaged_grads and averager.local_times_accumulated == 0) or self._delayed_round
         samples = averager.round_samples if failed_round else averager.local_samples_accumulated
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
             self.solo_steps += 1
@@ -738,6 +758,8 @@ def build_optimizer(
     else:
         mode_opts = dict(
             average_state_every=averaging.average_state_every,
+            delay_grad_averaging=averaging.delayed_updates,
+            delay_optimizer_step=averaging.delayed_updates,
             grad_averager_factory=partial(
                 ReportingGradientAverager,
                 aggregation=averaging.aggregation,
