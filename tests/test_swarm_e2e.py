@@ -69,6 +69,12 @@ def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
             overlapped += sum(int(match.group(1)) > 0 for match in beside if match)
         # overlapped: some local steps were taken while a round ran
         assert overlapped > 0, "no local step was taken beside a parameter round"
+    if overrides.get("averaging", {}).get("delayed_updates"):
+        computed = [int(m[1]) for peer in peers for m in re.finditer(
+            r"ended in the background; (\d+) samples of the next step were computed meanwhile", peer.log_path.read_text())]
+        # one line per round (5 rounds before the last step at least, per peer), and micro-batches of
+        # the next step were computed while some of them ran
+        assert len(computed) >= 10 and max(computed) > 0, computed
 
     # both peers reached the same global step, and their parameters agree
     (step_1, params_1), (step_2, params_2) = (_final_state(tmp_path / "peer-1"), _final_state(tmp_path / "peer-2"))

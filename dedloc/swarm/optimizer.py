@@ -625,12 +625,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._sitting_out = None
         held_step = self.local_epoch
         averager = self.state_averager
-        if self.delay_grad_averaging and self.tracker.global_progress.num_peers > 1:
+        delayed = self.delay_grad_averaging and self.tracker.global_progress.num_peers > 1
+        if delayed:
             # delayed updates: the previous step's round ends (and shows this peer's step) first; this
             # step's round runs in the background, and until it ends the swarm sees this peer at its
             # step with its samples — see _average_gradients_and_load_into_optimizer
             averager.step(wait_for_delayed_updates=True)
             self.tracker.dht.freeze(self.local_epoch, self.tracker.local_progress.samples_accumulated)
+            self._began_round = False
         overlapped = self.outer is not None and averager.delta_rule_averaging
         if overlapped:
             # at most one round in flight: the one before ends, and its outer step lands, first
@@ -642,6 +644,8 @@ class SwarmOptimizer(hivemind.Optimizer):
             self.tracker.dht.freeze(self.local_epoch, self.tracker.local_progress.samples_accumulated)
             averager.begin_outer_round(self.outer, held_step + 1, on_applied=self._publish_step)
         super()._update_global_epoch(grad_scaler)
+        if delayed and not self._began_round:
+            self._publish_step()  # no round began, so none will end and show the new step
         if overlapped and averager.pending_updates and self.local_epoch > held_step:
             averager.outer_round_step = self.local_epoch  # the outer step lands when the round ends
             return
@@ -652,6 +656,12 @@ class SwarmOptimizer(hivemind.Optimizer):
             moved = self.outer.step()
             averager._log_outer_step(self.local_epoch, moved)
 
+    _began_round = False  # whether the step under way began a gradient round (delayed updates)
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        self._began_round = super()._begin_averaging_gradients(grad_scaler)
+        return self._began_round
+
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         """hivemind's end of a gradient round. With delayed updates it runs in the state averager's
         background thread while the next step's micro-batches accumulate, so a failed round falls back
@@ -661,6 +671,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         try:
             super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         finally:
+            if self._delayed_round:
+                logger.info(
+                    f"the gradient round before step {self.local_epoch} ended in the background; "
+                    f"{self.grad_averager.local_samples_accumulated} samples of the next step were computed meanwhile"
+                )
             self._delayed_round = False
             if self.delay_grad_averaging:
                 self._publish_step()
