@@ -12,7 +12,7 @@ downloaded the swarm's state starts from the downloaded parameters with no momen
 then differs from the others' by a part that shrinks with every round (by a factor
 ``1 − outer_lr`` for the anchor), and a state average brings its parameters level each round.
 
-With ``diloco.overlap`` (off by default) the round runs in the background while the peers go on with
+With ``diloco.overlap`` (the default, with ``outer_momentum`` 0.5) the round runs in the background while the peers go on with
 their next local steps: a peer averages the parameters it held at the global step (its *snapshot*),
 and when the round ends it moves the anchor by the outer step on that average and its parameters by
 as much as the anchor moved past the snapshot — the local steps taken during the round are kept on

@@ -561,6 +561,15 @@ class SwarmOptimizer(hivemind.Optimizer):
             return_future=True,
         )
 
+    def _hold_step_until_round_ends(self) -> None:
+        """Before a round that runs in the background: the round before it ends first (at most one is in
+        flight; in DiLoCo mode its outer step lands), then the swarm sees this peer at its current step,
+        with its samples, until :meth:`_publish_step` — a peer that has not yet noticed the step still
+        joins the round instead of finding itself a step behind and downloading the state (the rule
+        of synchronous rounds, which end before a peer publishes its next step)."""
+        self.state_averager.step(wait_for_delayed_updates=True)
+        self.tracker.dht.freeze(self.local_epoch, self.tracker.local_progress.samples_accumulated)
+
     def _publish_step(self) -> None:
         """The round begun at the last step has ended: publish this peer's step and samples again."""
         self.tracker.dht.thaw()
@@ -625,23 +634,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._sitting_out = None
         held_step = self.local_epoch
         averager = self.state_averager
+        # a round in the background: synchronous mode's delayed updates (its end, in
+        # _average_gradients_and_load_into_optimizer, shows the new step) or DiLoCo's overlap
         delayed = self.delay_grad_averaging and self.tracker.global_progress.num_peers > 1
-        if delayed:
-            # delayed updates: the previous step's round ends (and shows this peer's step) first; this
-            # step's round runs in the background, and until it ends the swarm sees this peer at its
-            # step with its samples — see _average_gradients_and_load_into_optimizer
-            averager.step(wait_for_delayed_updates=True)
-            self.tracker.dht.freeze(self.local_epoch, self.tracker.local_progress.samples_accumulated)
-            self._began_round = False
         overlapped = self.outer is not None and averager.delta_rule_averaging
+        if delayed or overlapped:
+            self._hold_step_until_round_ends()
         if overlapped:
-            # at most one round in flight: the one before ends, and its outer step lands, first
-            averager.step(wait_for_delayed_updates=True)
-            # the swarm sees this peer at its step, with its samples, until the round has ended: a peer
-            # that has not yet noticed the step still joins the round instead of finding itself a step
-            # behind and downloading the state (the rule of synchronous mode, whose rounds end before
-            # a peer publishes its next step)
-            self.tracker.dht.freeze(self.local_epoch, self.tracker.local_progress.samples_accumulated)
             averager.begin_outer_round(self.outer, held_step + 1, on_applied=self._publish_step)
         super()._update_global_epoch(grad_scaler)
         if delayed and not self._began_round:
