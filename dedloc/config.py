@@ -174,6 +174,11 @@ class AveragingSection(_Section):
     State averaging then carries three times the numbers (see docs/reliability.md for what it gave)."""
     grad_compression: Compression = "fp16"
     """Compression of gradients on the wire."""
+    powersgd_rank: Optional[int] = Field(None, gt=0)
+    """Synchronous mode: send each gradient matrix as PowerSGD's two rank-r factors (hivemind's
+    ``PowerSGDGradientAverager``, with error feedback: what a round's factors miss is sent in later
+    rounds) — an m × n matrix travels as (m + n) × r numbers, in two all-reduces per round. Unset: whole
+    gradients (``grad_compression`` applies to the factors as well)."""
     state_compression: Compression = "none"
     """Compression of parameters in state averaging (``none`` keeps peers bit-identical)."""
     target_group_size: Optional[int] = Field(None, gt=1)
@@ -260,6 +265,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"averaging.aggregation = {self.averaging.aggregation!r} combines gradients in synchronous mode; "
                 "DiLoCo mode averages parameters with the plain mean (set aggregation = \"mean\")"
+            )
+        if self.mode == "diloco" and self.averaging.powersgd_rank is not None:
+            raise ValueError(
+                "averaging.powersgd_rank compresses gradients in synchronous mode; DiLoCo mode averages "
+                "parameters (unset powersgd_rank)"
             )
         if self.training.micro_batch_size > self.training.target_batch_size:
             raise ValueError(

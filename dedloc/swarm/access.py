@@ -544,15 +544,16 @@ class AdmittedPeersOnly:
         async for message in super().rpc_download_state(request, context):
             yield message
 
-    async def _run_allreduce_inplace_(self, tensors, group_info, *args, **kwargs):
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         if self.admission is not None:
             for peer_id in group_info.peer_ids:
                 if peer_id != self.peer_id:
                     problem = await self.admission.problem(self.dht, peer_id)
                     if problem is not None:
                         self.admission.note_refusal(peer_id, "a place in an averaging group", problem)
-                        registered = self._running_groups.get(group_info.group_id)
+                        # a round of several all-reduces (PowerSGD's) registers each under its own id
+                        registered = self._running_groups.get(group_info.group_id if group_id is None else group_id)
                         if registered is not None:
                             registered.cancel()  # the members' parts already on their way are refused
                         raise NotAdmitted(f"the group holds peer {peer_id.to_base58()} with {problem}")
-        return await super()._run_allreduce_inplace_(tensors, group_info, *args, **kwargs)
+        return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)

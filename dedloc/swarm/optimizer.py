@@ -30,6 +30,7 @@ from hivemind.compression import (
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.power_sgd_averager import AllReducePhases, PowerSGDGradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
@@ -188,8 +189,12 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
             weight = NEGLIGIBLE_WEIGHT
         return super().step(*args, weight=weight, **kwargs)
 
+    def _last_allreduce_id(self, group_info: GroupInfo) -> bytes:
+        """The id under which the round's last all-reduce registers its runner."""
+        return group_info.group_id
+
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
-        registered = self._running_groups[group_info.group_id]  # resolves to the round's AllReduceRunner
+        registered = self._running_groups[self._last_allreduce_id(group_info)]  # resolves to that AllReduceRunner
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
         with self.rounds_completed.get_lock():
             self.rounds_completed.value += 1
@@ -202,6 +207,36 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
             logger.info(f"helped average gradients: reduced {share} of {runner.tensor_part_container.total_size} "
                         f"numbers for {len(runner.sender_peer_ids)} peers")
         return gathered
+
+
+POWERSGD_SEED = 0x5EED
+
+
+class PowerSGDReportingAverager(ReportingGradientAverager, PowerSGDGradientAverager):
+    """:class:`ReportingGradientAverager` sending PowerSGD's low-rank factors instead of whole gradients
+    (``averaging.powersgd_rank``; Vogels et al., 2019, as hivemind's ``PowerSGDGradientAverager``).
+
+    Each round runs two all-reduces, through the same checks as a plain round (admission, finite parts
+    of the right shape, bounded weights, the configured aggregation): first P = M·Q for every matrix
+    (M: the gradient plus the error-feedback buffer), then, after orthogonalising P, Q = Mᵀ·P together
+    with the tensors PowerSGD leaves whole (vectors, and matrices it would not shrink by half). Every
+    peer's gradient becomes P·Qᵀ; what that misses stays in the peer's error-feedback buffer for the
+    next round. A matrix of m × n numbers travels as (m + n) × rank.
+
+    hivemind draws each peer's starting Q at random; here every peer draws the same (a fixed seed), so
+    that the first round's P factors are sums over the same Q. A peer that joins later starts from that
+    Q while the others' has moved on (hivemind keeps Q per peer and does not hand it to newcomers with
+    the state): its first P factors are slightly off, and error feedback carries the difference over.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        generator = torch.Generator().manual_seed(POWERSGD_SEED)
+        for q in self._qs:  # shared memory: the averager's process sees the same values
+            q.copy_(torch.rand(q.shape, generator=generator))
+
+    def _last_allreduce_id(self, group_info: GroupInfo) -> bytes:
+        return group_info.group_id + AllReducePhases.PHASE_Q.name.encode()
 
 
 class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, TrainingStateAverager):
@@ -371,8 +406,12 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
+    def _last_allreduce_id(self, group_info: GroupInfo) -> bytes:
+        """The id under which the round's last all-reduce registers its runner."""
+        return group_info.group_id
+
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
-        registered = self._running_groups[group_info.group_id]  # resolves to the round's AllReduceRunner
+        registered = self._running_groups[self._last_allreduce_id(group_info)]  # resolves to that AllReduceRunner
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
         with self.rounds_done.get_lock():
             self.rounds_done.value += 1
@@ -775,7 +814,8 @@ def build_optimizer(
             delay_grad_averaging=averaging.delayed_updates,
             delay_optimizer_step=averaging.delayed_updates,
             grad_averager_factory=partial(
-                ReportingGradientAverager,
+                ReportingGradientAverager if averaging.powersgd_rank is None else
+                partial(PowerSGDReportingAverager, averager_rank=averaging.powersgd_rank),
                 aggregation=averaging.aggregation,
                 clip_tau=averaging.centered_clip_tau,
                 max_weight=float(config.training.target_batch_size),  # a round's weight is its samples

@@ -1,0 +1,135 @@
+"""PowerSGD gradient rounds (``averaging.powersgd_rank``): real averagers of dedloc's kind on a local
+DHT, each holding its own gradient. A mean of rank ≤ r comes through whole; a fuller one comes through
+as its rank-r approximation, and error feedback sends the rest in the next round; a non-finite
+gradient is refused by the reducers' checks in the factor all-reduces too."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Optional
+
+import hivemind
+import pytest
+import torch
+
+from dedloc.config import default_run_config
+from dedloc.errors import UserInputError
+from dedloc.swarm.optimizer import PowerSGDReportingAverager
+
+pytestmark = pytest.mark.timeout(180)
+
+SHAPES = [(64, 32), (32,)]  # a matrix PowerSGD factorises, a vector it sends whole
+
+
+class _Averager(PowerSGDReportingAverager):
+    """Reduces a share of each round or not as the test says (in a swarm, a peer reduces once one of
+    its rounds has completed and it has samples: every peer here would be a newcomer)."""
+
+    reduces = True
+
+    def announce(self, reduces: bool) -> None:
+        super().announce(self.reduces)
+
+
+def _rounds(gradients: list[list[list[torch.Tensor]]], rank: int, reduces: list[bool]) -> list[list[Optional[list[torch.Tensor]]]]:
+    """``gradients[round][peer]``: one gradient round per entry with every peer; per round and peer,
+    the averaged gradient that peer ended with (None: the round failed for it)."""
+    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+    peers = len(gradients[0])
+    first = hivemind.DHT(**local)
+    dhts = [first] + [hivemind.DHT(**local, initial_peers=[str(a) for a in first.get_visible_maddrs()])
+                      for _ in range(peers - 1)]
+    averagers, parameters = [], []
+    try:
+        for dht, reducing in zip(dhts, reduces):
+            params = [torch.nn.Parameter(torch.zeros(shape)) for shape in SHAPES]
+            averager = _Averager(
+                params, averager_rank=rank, dht=dht, prefix="powersgd", target_group_size=peers,
+                min_matchmaking_time=2.0, request_timeout=1.0, sender_timeout=5.0, reducer_timeout=10.0, start=False)
+            averager.reduces = reducing
+            averager.run_in_background(await_ready=True)
+            averagers.append(averager)
+            parameters.append(params)
+
+        def one_round(peer: int, grads: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+            for param, grad in zip(parameters[peer], grads):
+                param.grad = grad.clone()
+            averagers[peer].accumulate_grads_(batch_size=1)
+            try:
+                averagers[peer].step(timeout=60)
+            except Exception:  # the round failed for this peer (hivemind raises)
+                return None
+            with averagers[peer].get_tensors() as averaged:
+                return [tensor.clone() for tensor in averaged]
+
+        results = []
+        with concurrent.futures.ThreadPoolExecutor(peers) as pool:
+            for round_gradients in gradients:
+                results.append(list(pool.map(one_round, range(peers), round_gradients)))
+        return results
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+def _gradient(generator: torch.Generator, matrix_rank: int) -> list[torch.Tensor]:
+    rows, cols = SHAPES[0]
+    matrix = torch.randn(rows, matrix_rank, generator=generator) @ torch.randn(matrix_rank, cols, generator=generator)
+    return [matrix, torch.randn(SHAPES[1], generator=generator)]
+
+
+def _mean(grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.stack(tensors).mean(dim=0) for tensors in zip(*grads)]
+
+
+def test_a_mean_of_low_rank_comes_through_whole_and_every_peer_agrees():
+    # their mean has rank 3. (With rank 4, P would have a column of rounding noise that hivemind's
+    # Gram-Schmidt scales up to unit length: the result would be off, differently on each peer —
+    # real gradient matrices are of higher rank than PowerSGD's)
+    generator = torch.Generator().manual_seed(1)
+    grads = [_gradient(generator, matrix_rank=1) for _ in range(3)]
+    [ended] = _rounds([grads], rank=3, reduces=[True] * 3)
+    mean = _mean(grads)
+    for peer in ended:
+        for tensor, expected in zip(peer, mean):
+            torch.testing.assert_close(tensor, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_what_a_low_rank_round_misses_follows_in_the_next():
+    generator = torch.Generator().manual_seed(2)
+    grads = [_gradient(generator, matrix_rank=2) for _ in range(2)]  # their mean has rank 4
+    nothing = [[torch.zeros(shape) for shape in SHAPES] for _ in range(2)]
+    rounds = _rounds([grads, nothing], rank=2, reduces=[True, True])
+    mean = _mean(grads)
+    for ended in rounds:  # the peers agree on every round's result
+        torch.testing.assert_close(ended[0][0], ended[1][0], rtol=1e-4, atol=1e-4)
+    # a rank-2 round of a rank-4 mean misses part of it, a rank-2 rest; the next round, with no new
+    # gradient, sends that rest (error feedback)
+    sent = torch.cumsum(torch.stack([ended[0][0] for ended in rounds]), dim=0)
+    misses = [float((mean[0] - total).norm() / mean[0].norm()) for total in sent]
+    assert misses[0] > 0.2 and misses[1] < 1e-3, misses
+    torch.testing.assert_close(rounds[0][0][1], mean[1])  # the vector went whole
+    torch.testing.assert_close(rounds[1][0][1], torch.zeros(SHAPES[1]))  # and left nothing behind
+
+
+def test_a_non_finite_gradient_is_refused_in_the_factor_rounds():
+    generator = torch.Generator().manual_seed(3)
+    grads = [_gradient(generator, matrix_rank=1) for _ in range(2)]
+    poisoned = [torch.full(shape, float("nan")) for shape in SHAPES]
+    [ended] = _rounds([[*grads, poisoned]], rank=2, reduces=[True, True, False])
+    mean = _mean(grads)
+    # the reducers refuse its P and its Q factors: the others average the honest ones
+    for peer in ended[:2]:
+        assert peer is not None, "an honest peer's round failed"
+        for tensor, expected in zip(peer, mean):
+            torch.testing.assert_close(tensor, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_powersgd_is_for_synchronous_mode():
+    assert default_run_config(averaging={"powersgd_rank": 4}).averaging.powersgd_rank == 4
+    with pytest.raises(UserInputError, match="powersgd_rank"):
+        default_run_config(mode="diloco", averaging={"powersgd_rank": 4})
+    with pytest.raises(UserInputError):
+        default_run_config(averaging={"powersgd_rank": 0})
