@@ -159,11 +159,13 @@ def bench_config(target_batch: int, seq_length: int, small_model: bool, tokenize
 
 
 def diloco_config(config: Path, target_batch: int) -> Path:
-    """``config`` in DiLoCo mode with an outer step every ``target_batch`` samples, next to it."""
+    """``config`` in DiLoCo mode with an outer step every ``target_batch`` samples, next to it (without
+    PowerSGD, which compresses synchronous mode's gradients only)."""
     from dedloc.config import load_run_config
 
     path = config.with_name("run-diloco.toml")
-    diloco = load_run_config(config).with_overrides(mode="diloco", training={"target_batch_size": target_batch})
+    diloco = load_run_config(config).with_overrides(
+        mode="diloco", training={"target_batch_size": target_batch}, averaging={"powersgd_rank": None})
     path.write_text(diloco.to_toml(), encoding="utf-8")
     return path
 
