@@ -133,3 +133,53 @@ def test_powersgd_is_for_synchronous_mode():
         default_run_config(mode="diloco", averaging={"powersgd_rank": 4})
     with pytest.raises(UserInputError):
         default_run_config(averaging={"powersgd_rank": 0})
+
+
+@pytest.mark.timeout(180)
+def test_two_peers_take_a_global_step_on_a_powersgd_round():
+    """The optimizer a peer builds with ``averaging.powersgd_rank``: two peers in one process, each on
+    its own DHT, accumulate the target batch from different data and take the same step."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from dedloc.swarm.optimizer import build_optimizer
+    from helpers import wait_for
+
+    config = default_run_config(training={"target_batch_size": 16, "micro_batch_size": 4},
+                                averaging={"matchmaking_time": 3.0, "powersgd_rank": 2})
+    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+    dhts, opts, models = [], [], []
+    process_key = RSAPrivateKey._process_wide_key
+    try:
+        dhts.append(hivemind.DHT(**local))
+        dhts.append(hivemind.DHT(**local, initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()]))
+        for dht in dhts:
+            RSAPrivateKey._process_wide_key = RSAPrivateKey()  # its own record-signing key, as in its own process
+            torch.manual_seed(0)  # the same initial parameters on both peers
+            models.append(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1)))
+            opts.append(build_optimizer(dht, config, "powersgd-step", models[-1], micro_batch_size=4))
+        initial = [p.detach().clone() for p in models[0].parameters()]
+        assert all(isinstance(opt.grad_averager, PowerSGDReportingAverager) for opt in opts)
+
+        def local_step(peer: int, seed: int) -> None:
+            batch = torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))
+            opts[peer].zero_grad()
+            models[peer](batch).pow(2).mean().backward()
+            opts[peer].step()
+
+        # 12 of the 16 samples, then the last micro-batch of each peer together: both see the batch full
+        local_step(0, 1), local_step(0, 2), local_step(1, 3)
+        wait_for(lambda: all(opt.tracker.global_progress.samples_accumulated >= 12 for opt in opts), 60,
+                 "both peers to see 12 samples")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(local_step, (0, 1), (4, 5)))
+        assert [opt.local_epoch for opt in opts] == [1, 1]
+        assert [opt.grad_averager.rounds_completed.value for opt in opts] == [1, 1], "the PowerSGD round failed"
+        for a, b, before in zip(models[0].parameters(), models[1].parameters(), initial):
+            torch.testing.assert_close(a, b)  # the same step on both peers
+            assert not torch.equal(a, before)
+    finally:
+        for opt in opts:
+            opt.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+        RSAPrivateKey._process_wide_key = process_key
