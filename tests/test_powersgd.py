@@ -177,6 +177,12 @@ def test_two_peers_take_a_global_step_on_a_powersgd_round():
         for a, b, before in zip(models[0].parameters(), models[1].parameters(), initial):
             torch.testing.assert_close(a, b)  # the same step on both peers
             assert not torch.equal(a, before)
+        # a rank-2 round of these gradients left a rest for the next round; a peer that takes the
+        # swarm's state drops it (it belongs to parameters the peer no longer holds)
+        feedback = opts[0].grad_averager._ms
+        assert any(float(buffer.abs().max()) > 0 for buffer in feedback)
+        opts[0].grad_averager.rejoined()
+        assert all(float(buffer.abs().max()) == 0 for buffer in feedback)
     finally:
         for opt in opts:
             opt.shutdown()

@@ -227,6 +227,8 @@ class PowerSGDReportingAverager(ReportingGradientAverager, PowerSGDGradientAvera
     that the first round's P factors are sums over the same Q. A peer that joins later starts from that
     Q while the others' has moved on (hivemind keeps Q per peer and does not hand it to newcomers with
     the state): its first P factors are slightly off, and error feedback carries the difference over.
+    A peer that takes the swarm's state (:meth:`rejoined`) drops its error-feedback buffers: what they
+    hold are parts of gradients computed on parameters it no longer has.
     """
 
     def __init__(self, *args, **kwargs):
@@ -234,6 +236,11 @@ class PowerSGDReportingAverager(ReportingGradientAverager, PowerSGDGradientAvera
         generator = torch.Generator().manual_seed(POWERSGD_SEED)
         for q in self._qs:  # shared memory: the averager's process sees the same values
             q.copy_(torch.rand(q.shape, generator=generator))
+
+    def rejoined(self) -> None:
+        super().rejoined()
+        for buffer in self._ms:  # shared memory, as the Qs
+            buffer.zero_()
 
     def _last_allreduce_id(self, group_info: GroupInfo) -> bytes:
         return group_info.group_id + AllReducePhases.PHASE_Q.name.encode()
