@@ -413,12 +413,8 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
-    def _last_allreduce_id(self, group_info: GroupInfo) -> bytes:
-        """The id under which the round's last all-reduce registers its runner."""
-        return group_info.group_id
-
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
-        registered = self._running_groups[self._last_allreduce_id(group_info)]  # resolves to that AllReduceRunner
+        registered = self._running_groups[group_info.group_id]  # resolves to the round's AllReduceRunner
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
         with self.rounds_done.get_lock():
             self.rounds_done.value += 1
