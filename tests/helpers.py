@@ -79,3 +79,14 @@ def run_lab_bench(module: str, args: list[str], timeout: float) -> "CompletedPro
     print(run.stdout)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return run
+
+
+def local_dhts(count: int) -> list:
+    """``count`` started hivemind DHTs on loopback (ports chosen by the OS, no network probing), the
+    others bootstrapped from the first. The caller shuts them down."""
+    import hivemind
+
+    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+    first = hivemind.DHT(**local)
+    return [first] + [hivemind.DHT(**local, initial_peers=[str(a) for a in first.get_visible_maddrs()])
+                      for _ in range(count - 1)]

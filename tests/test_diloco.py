@@ -107,11 +107,10 @@ def test_overlapped_round_lets_local_steps_run_and_lands_the_outer_step_on_top_o
     its step once its round has ended), then joins the round. Both peers' anchors
     take the same outer step, on the average of the snapshots taken at the global step (A's three
     extra steps are not in it), and A keeps those three steps on top of the new anchor."""
-    import hivemind
     from hivemind.utils.crypto import RSAPrivateKey
 
     from dedloc.swarm.optimizer import build_optimizer
-    from helpers import wait_for
+    from helpers import local_dhts, wait_for
 
     config = default_run_config(
         mode="diloco",
@@ -119,12 +118,10 @@ def test_overlapped_round_lets_local_steps_run_and_lands_the_outer_step_on_top_o
         averaging={"matchmaking_time": 5.0, "average_optimizer_state": True},
         diloco={"overlap": True},
     )
-    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
     dhts, opts, models = [], [], []
     process_key = RSAPrivateKey._process_wide_key
     try:
-        dhts.append(hivemind.DHT(**local))
-        dhts.append(hivemind.DHT(**local, initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()]))
+        dhts.extend(local_dhts(2))
         for dht in dhts:
             # each peer signs its progress record with a key of its own, as in separate processes
             RSAPrivateKey._process_wide_key = RSAPrivateKey()

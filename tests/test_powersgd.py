@@ -8,13 +8,13 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Optional
 
-import hivemind
 import pytest
 import torch
 
 from dedloc.config import default_run_config
 from dedloc.errors import UserInputError
 from dedloc.swarm.optimizer import PowerSGDReportingAverager
+from helpers import local_dhts
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,11 +34,8 @@ class _Averager(PowerSGDReportingAverager):
 def _rounds(gradients: list[list[list[torch.Tensor]]], rank: int, reduces: list[bool]) -> list[list[Optional[list[torch.Tensor]]]]:
     """``gradients[round][peer]``: one gradient round per entry with every peer; per round and peer,
     the averaged gradient that peer ended with (None: the round failed for it)."""
-    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
     peers = len(gradients[0])
-    first = hivemind.DHT(**local)
-    dhts = [first] + [hivemind.DHT(**local, initial_peers=[str(a) for a in first.get_visible_maddrs()])
-                      for _ in range(peers - 1)]
+    dhts = local_dhts(peers)
     averagers, parameters = [], []
     try:
         for dht, reducing in zip(dhts, reduces):
@@ -146,12 +143,10 @@ def test_two_peers_take_a_global_step_on_a_powersgd_round():
 
     config = default_run_config(training={"target_batch_size": 16, "micro_batch_size": 4},
                                 averaging={"matchmaking_time": 3.0, "powersgd_rank": 2})
-    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
     dhts, opts, models = [], [], []
     process_key = RSAPrivateKey._process_wide_key
     try:
-        dhts.append(hivemind.DHT(**local))
-        dhts.append(hivemind.DHT(**local, initial_peers=[str(a) for a in dhts[0].get_visible_maddrs()]))
+        dhts.extend(local_dhts(2))
         for dht in dhts:
             RSAPrivateKey._process_wide_key = RSAPrivateKey()  # its own record-signing key, as in its own process
             torch.manual_seed(0)  # the same initial parameters on both peers

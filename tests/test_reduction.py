@@ -11,6 +11,7 @@ import torch
 
 from dedloc.swarm.optimizer import ReducerShares
 from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights
+from helpers import local_dhts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,10 +72,7 @@ class _Averager(CheckedReduction, ReducerShares, hivemind.averaging.Decentralize
 
 def _average(values: list[float], weights: list[float], reduces: list[bool], **reduction) -> list[torch.Tensor]:
     """One round of real averagers on a local DHT, each holding a vector filled with its value."""
-    local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
-    first = hivemind.DHT(**local)
-    dhts = [first] + [hivemind.DHT(**local, initial_peers=[str(a) for a in first.get_visible_maddrs()])
-                      for _ in values[1:]]
+    dhts = local_dhts(len(values))
     averagers = []
     try:
         for dht, value, reducing in zip(dhts, values, reduces):
