@@ -192,6 +192,24 @@ def _step_lines(node) -> list[dict]:
             for m in re.finditer(r"step=(\d+) loss=\S+ samples/s=\S+ peers=\d+ contributed=(\d+) params=(\S+)", text)]
 
 
+def _step_table(swarm) -> str:
+    """Each peer's step lines side by side (contributed samples, parameter fingerprint): a failure's context."""
+    lines = {name: {line["step"]: line for line in _step_lines(node)} for name, node in sorted(swarm.peers.items())}
+    steps = sorted({step for by_step in lines.values() for step in by_step})
+    rows = ["step  " + "  ".join(f"{name:>24}" for name in lines)]
+    for step in steps:
+        cells = [by_step.get(step) for by_step in lines.values()]
+        rows.append(f"{step:4d}  " + "  ".join(
+            f"{cell['contributed']:6d} {cell['params']:17.6f}" if cell else " " * 24 for cell in cells))
+    return "\n".join(rows)
+
+
+def _swarm_lines(log: str) -> str:
+    """The lines of a peer's log about its rounds, downloads and steps (a failure's context)."""
+    keep = ("dedloc.swarm", "step=", "WARN", "ERROR")
+    return "\n".join(line for line in log.splitlines() if any(key in line for key in keep))[-6000:]
+
+
 def test_a_cut_off_peer_resynchronises(lab):
     """One peer's link is cut for 60 s, then restored: it stops training when it notices, the others go
     on; back, it sees it is behind, downloads the swarm's state, drops what it had accumulated before
@@ -266,7 +284,8 @@ def test_a_cut_off_peer_resynchronises(lab):
     in_phase = [line for line in contributing if solo_at < 0 or line["at"] < solo_at]
     assert in_phase or solo_at >= 0, contributing
     for line in in_phase:
-        assert any(math.isclose(line["params"], params, rel_tol=3e-3) for params in theirs[line["step"]]), (line, theirs[line["step"]])
+        assert any(math.isclose(line["params"], params, rel_tol=3e-3) for params in theirs[line["step"]]), \
+            f"{line} against {theirs[line['step']]}\n{_step_table(swarm)}\n{_swarm_lines(cut_off.log_text()[back:])}"
     final = [_step_lines(node)[-1] for node in [*others, cut_off]]
     assert {line["step"] for line in final} == {total_steps}
     assert max(line["params"] for line in final) - min(line["params"] for line in final) <= 1e-3 * abs(final[0]["params"])

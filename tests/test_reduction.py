@@ -4,13 +4,14 @@ averagers on a local DHT whose rounds reject non-finite parts, bound claimed wei
 from __future__ import annotations
 
 import concurrent.futures
+from typing import Optional
 
 import hivemind
 import pytest
 import torch
 
 from dedloc.swarm.optimizer import ReducerShares
-from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights
+from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights, round_step
 from helpers import local_dhts
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,8 +71,11 @@ class _Averager(CheckedReduction, ReducerShares, hivemind.averaging.Decentralize
     pass
 
 
-def _average(values: list[float], weights: list[float], reduces: list[bool], **reduction) -> list[torch.Tensor]:
-    """One round of real averagers on a local DHT, each holding a vector filled with its value."""
+def _average(values: list[float], weights: list[float], reduces: list[bool], steps: Optional[list] = None,
+             **reduction) -> list[torch.Tensor]:
+    """One round of real averagers on a local DHT, each holding a vector filled with its value (and
+    gathering its entry of ``steps``, as the state averager gathers its step)."""
+    steps = steps or [None] * len(values)
     dhts = local_dhts(len(values))
     averagers = []
     try:
@@ -82,7 +86,8 @@ def _average(values: list[float], weights: list[float], reduces: list[bool], **r
             averager.run_in_background(await_ready=True)
             averagers.append(averager)
         with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
-            results = list(pool.map(lambda pair: pair[0].step(weight=pair[1], timeout=40), zip(averagers, weights)))
+            results = list(pool.map(lambda args: args[0].step(weight=args[1], gather=args[2], timeout=40),
+                                    zip(averagers, weights, steps)))
         assert all(result is not None for result in results), "the averaging round failed"
         tensors = []
         for averager in averagers:
@@ -117,3 +122,26 @@ def test_centered_clip_rounds_survive_an_outlier_that_wrecks_the_mean():
     assert all(abs(float(t.mean()) - 1.0) < 0.1 for t in clipped), [float(t.mean()) for t in clipped]
     mean = _average(values, weights=[1.0] * 4, reduces=reduces)
     assert all(float(t.mean()) > 200 for t in mean)
+
+
+def test_the_step_of_a_round_is_the_one_most_senders_are_at():
+    assert round_step([7, 7, 6]) == 7
+    assert round_step([6, 7, 7, 8]) == 7
+    assert round_step([7, 6]) is None  # two members: no telling which one is behind
+    assert round_step([7, 7, 6, 6]) is None
+    assert round_step([None, None]) is None  # gradient rounds gather no step
+    assert round_step([7, "7", None, 7.0, True]) == 7  # only ints are steps
+    assert round_step([]) is None
+
+
+def test_a_member_out_of_step_weighs_nothing_and_receives_the_others_average():
+    """A member that gathered another step than most of its group's (one update behind, say) takes
+    the others' mean; without steps it would pull everyone toward its own values."""
+    values, reduces = [1.0, 3.0, 11.0], [True, True, True]
+    in_step = _average(values, weights=[1.0] * 3, reduces=reduces, steps=[8, 8, 7])
+    assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in in_step), [float(t.mean()) for t in in_step]
+    unlabelled = _average(values, weights=[1.0] * 3, reduces=reduces)
+    assert all(torch.allclose(t, torch.full((4096,), 5.0)) for t in unlabelled)
+    # two members at different steps: a tie, nobody is out of step
+    tied = _average([1.0, 3.0], weights=[1.0, 1.0], reduces=[True, True], steps=[8, 7])
+    assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in tied)

@@ -41,7 +41,7 @@ from dedloc.faults import active_attack, fault_point, poison
 from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
-from dedloc.swarm.reduction import CheckedReduction
+from dedloc.swarm.reduction import CheckedReduction, gathered_steps
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -257,6 +257,13 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
     found a group at all are counted in :attr:`rounds_done` (hivemind logs a failed state-averaging
     round at debug level only).
 
+    Every member gathers the step it will be at when the round runs (hivemind's epoch). A member at
+    another step than most of the group's (it fell a step behind, say, and still carries the same
+    parameters label by label one update short) is out of step: its state weighs nothing in the
+    round (:class:`CheckedReduction`), so it takes the others' average, and it takes their step too
+    (hivemind's ``sync_epoch_when_averaging``, given only the steps of the members in step). When two
+    steps tie for most, nobody is out of step.
+
     The wire protocol is hivemind's own (handler names of ``TrainingStateAverager``), so the
     coordinator's plain state reader and this averager serve each other's state downloads.
     """
@@ -269,6 +276,7 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
         self.final_round = mp.Event()
         self.downloaded_epoch: Optional[int] = None
         self._receiving_since: Optional[int] = None  # rounds_done when receiving began
+        pass  # MUT  # see the class doc: only steps of members in step
         super().__init__(*args, **kwargs)
 
     def load_state_from_peers(self, **kwargs) -> None:
@@ -296,6 +304,10 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
 
     def schedule_step(self, *args, **kwargs):
         self.announce(reduces=not self.receiving)
+        # the step this peer will be at when the round runs, after the step it is about to take (hivemind
+        # gathers max(its step + 1, the swarm's step as its progress records show): a peer one step behind
+        # would then claim the others' step)
+        kwargs["gather"] = self.local_epoch + 1
         return super().schedule_step(*args, **kwargs)
 
     # DiLoCo mode, overlapped (hivemind's delta rule on): the outer step that ends the round in flight
@@ -416,6 +428,17 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
         registered = self._running_groups[group_info.group_id]  # resolves to the round's AllReduceRunner
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
+        step, labels = gathered_steps(group_info, self.serializer)
+        own = labels.get(self.peer_id)
+        if step is not None and own != step:
+            logger.warning(
+                f"this peer was at step {own} in a state-averaging round whose other members were at step {step}: "
+                f"it takes their state" + (" and their step" if isinstance(own, int) and own < step else "")
+            )
+        # what hivemind's epoch sync reads: the steps of the members in step (or, with no majority, of
+        # the members at this peer's own step) — a lone member claiming a later step moves nobody's
+        in_step = own if step is None else step
+        gathered = {peer_id: label for peer_id, label in gathered.items() if type(label) is int and label == in_step}
         with self.rounds_done.get_lock():
             self.rounds_done.value += 1
         # counted before the round's result reaches the caller, who reads the count right after it

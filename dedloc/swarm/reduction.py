@@ -9,6 +9,9 @@ claims. :class:`CheckedPartReducer` instead
   that is not a finite number ≥ 0 (hivemind then finishes the part without that sender, as when one
   fails);
 - counts a claimed weight above ``max_weight`` as ``max_weight``;
+- counts as nothing the part of a sender that is out of step: in a round whose members gathered the
+  step they are at (the state averager's rounds), every sender at another step than the one most of
+  them are at (:func:`round_step`) weighs 0 — it receives the others' average without moving it;
 - combines the parts by their weighted mean (``"mean"``, hivemind's arithmetic) or by
   :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result
   (and how much weight it carries).
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
@@ -66,6 +69,40 @@ def reduction_shares(total_size: int, announced: Sequence[tuple[Optional[float],
     if not any(scores):
         raise AllreduceException("no member of the group can reduce (all are in client mode)")
     return tuple(hagenbach_bishoff(total_size, scores))
+
+
+def round_step(labels: Sequence[Any]) -> Optional[int]:
+    """The step a round is for, from the step each sending member gathered: the one held by more
+    senders than any other step. None when no sender gathered a step (gradient rounds gather none) or
+    when two steps tie for most — then nobody is out of step (with two members there is no telling
+    which one is behind). Anything but an int counts as no step."""
+    counts: dict[int, int] = {}
+    for label in labels:
+        if isinstance(label, int) and not isinstance(label, bool):
+            counts[label] = counts.get(label, 0) + 1
+    if not counts:
+        return None
+    ranked = sorted(counts.values(), reverse=True)
+    if len(ranked) > 1 and ranked[0] == ranked[1]:
+        return None
+    return max(counts, key=counts.get)
+
+
+def gathered_steps(group_info: GroupInfo, serializer) -> tuple[Optional[int], dict]:
+    """The step of a round (:func:`round_step` over its senders; auxiliary members send nothing and do
+    not count) and what each member gathered, by peer id. Every member computes the same from the
+    same gathered data."""
+    labels, senders = {}, []
+    for peer_id, entry in zip(group_info.peer_ids, group_info.gathered):
+        try:
+            _, mode, user_data = serializer.loads(entry)
+            label = serializer.loads(user_data)
+        except Exception:  # malformed data from a member: it gathered no step
+            mode, label = None, None
+        labels[peer_id] = label
+        if mode != AveragingMode.AUX.value:
+            senders.append(label)
+    return round_step(senders), labels
 
 
 def robust_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -137,6 +174,9 @@ class _PartCollector:
         if not self.parts:  # every sender failed: nobody is left to receive the result
             return torch.zeros(self.shape)
         parts, weights = torch.stack(self.parts), torch.tensor(self.weights)
+        if not float(weights.sum()) > 0:
+            # every sender weighs 0 (each tags along, or is out of step): their plain mean, never 0/0
+            return parts.mean(dim=0)
         if self.aggregation == "centered_clip" and len(self.parts) > 1:
             return centered_clip(parts, weights, self.tau)
         return (parts * (weights / denominator)[:, None]).sum(dim=0)
@@ -151,9 +191,11 @@ class CheckedPartReducer(TensorPartReducer):
     """
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, sender_names: Sequence[str],
-                 aggregation: Aggregation = "mean", max_weight: Optional[float] = None, tau: Optional[float] = None):
+                 aggregation: Aggregation = "mean", max_weight: Optional[float] = None, tau: Optional[float] = None,
+                 weightless: frozenset = frozenset()):
         self.aggregation, self.max_weight, self.tau = aggregation, max_weight, tau
         self.sender_names = list(sender_names)
+        self.weightless = weightless  # indices of senders out of step: their parts weigh 0
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -170,6 +212,8 @@ class CheckedPartReducer(TensorPartReducer):
                 raise RejectedPart(f"sender {self.sender_names[sender_index]}: {problem}")
         if self.max_weight is not None and weight > self.max_weight:
             weight = self.max_weight
+        if sender_index in self.weightless:
+            weight = 0.0
         return await super().accumulate_part(sender_index, part_index, tensor_part, weight=weight)
 
     def _problem(self, part_index: int, tensor_part: torch.Tensor, weight: float) -> Optional[str]:
@@ -188,10 +232,11 @@ class RejectedPart(AllreduceException):
 
 
 class CheckedAllReduceRunner(AllReduceRunner):
-    """hivemind's all-reduce runner with a :class:`CheckedPartReducer` in place of its own."""
+    """hivemind's all-reduce runner with a :class:`CheckedPartReducer` in place of its own; the senders
+    in ``out_of_step`` (peer ids) weigh 0 there."""
 
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
-                 clip_tau: Optional[float] = None, **kwargs):
+                 clip_tau: Optional[float] = None, out_of_step: frozenset = frozenset(), **kwargs):
         super().__init__(*args, **kwargs)
         # hivemind's own reducer, replaced before it saw any part, would warn "Reducer: received 0.0% of
         # input tensors" when garbage-collected (its __del__ finalizes it): marked finished, it stays quiet
@@ -203,6 +248,7 @@ class CheckedAllReduceRunner(AllReduceRunner):
             aggregation=aggregation,
             max_weight=max_weight,
             tau=clip_tau,
+            weightless=frozenset(index for index, peer_id in enumerate(self.sender_peer_ids) if peer_id in out_of_step),
         )
 
 
@@ -230,6 +276,11 @@ class CheckedReduction:
         kwargs["peer_fractions"] = reduction_shares(self.total_size, [(b, AveragingMode(m)) for b, m in announced])
         if self.unchecked:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        step, labels = gathered_steps(group_info, self.serializer)
+        out_of_step = frozenset(peer_id for peer_id, label in labels.items() if step is not None and label != step)
+        if out_of_step:
+            logger.info(f"a round for step {step}: {len(out_of_step)} of {group_info.group_size} members are at another "
+                        f"step ({sorted(str(labels[peer_id]) for peer_id in out_of_step)}); their parts weigh nothing")
         # hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_, building dedloc's runner: the
         # runner's reducer has no other hook
         group_id = group_info.group_id if group_id is None else group_id
@@ -243,6 +294,7 @@ class CheckedReduction:
             aggregation=self.aggregation,
             max_weight=self.max_weight,
             clip_tau=self.clip_tau,
+            out_of_step=out_of_step,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"

@@ -1,0 +1,67 @@
+"""State-averaging rounds between peers at different steps: real state averagers of dedloc's kind on a
+local DHT. A member at another step than most of its group's takes their state and their step; the
+others' average is not pulled toward its state."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from functools import partial
+
+import pytest
+import torch
+from hivemind.utils import get_dht_time
+
+from dedloc.swarm.optimizer import CheckedStateAverager
+from helpers import local_dhts
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _state_round(values: list[float], steps: list[int], scheduled: bool) -> list[tuple[float, int]]:
+    """One state-averaging round of ``len(values)`` peers, each holding a parameter filled with its value
+    at its step; per peer, the parameter's mean and the step it is at afterwards. ``scheduled``: each
+    peer pre-schedules the round, as a peer does when it expects its next step, and takes it."""
+    dhts = local_dhts(len(values))
+    averagers = []
+    try:
+        for dht, value, step in zip(dhts, values, steps):
+            averager = CheckedStateAverager(
+                dht=dht, prefix="state-steps", params=[torch.nn.Parameter(torch.full((2048,), value))],
+                optimizer=partial(torch.optim.SGD, lr=0.1), target_group_size=len(values),
+                min_matchmaking_time=2.0, request_timeout=1.0, start=True)
+            averager.local_epoch = step
+            averagers.append(averager)
+
+        def one(averager: CheckedStateAverager) -> None:
+            if scheduled:
+                # the round runs after the step this peer is about to take: it gathers that step
+                control = averager.schedule_step(scheduled_time=get_dht_time() + 3.0, timeout=40)
+                averager.step(increment_epoch=True, averaging_round=True, averaging_control=control, delay_averaging=False)
+            else:
+                averager.step(averaging_round=True, delay_averaging=False, averaging_opts=dict(timeout=40))
+
+        with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
+            list(pool.map(one, averagers))
+        assert all(averager.rounds_done.value == 1 for averager in averagers), "the state round failed"
+        return [(float(averager.main_parameters[0].detach().mean()), averager.local_epoch) for averager in averagers]
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+@pytest.mark.parametrize("scheduled", [False, True], ids=["begun-at-the-step", "pre-scheduled"])
+def test_a_peer_a_step_behind_takes_the_others_state_and_step(scheduled):
+    after = _state_round([1.0, 3.0, 11.0], steps=[8, 8, 7], scheduled=scheduled)
+    step = 9 if scheduled else 8
+    for value, at in after:
+        assert value == pytest.approx(2.0, abs=1e-5) and at == step, after
+
+
+def test_two_peers_at_different_steps_average_as_they_are():
+    """No majority: the plain average, and each keeps its own step (a peer claiming a later step does
+    not move the other's)."""
+    after = _state_round([1.0, 3.0], steps=[8, 7], scheduled=False)
+    assert [value for value, _ in after] == pytest.approx([2.0, 2.0], abs=1e-5)
+    assert [at for _, at in after] == [8, 7]
