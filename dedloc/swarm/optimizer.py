@@ -141,6 +141,8 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
     A newcomer — a peer whose gradient rounds have not yet completed one since it joined or downloaded
     the swarm's state (:meth:`rejoined`) — and a peer with no samples accumulated when its round is
     scheduled reduce no share of the round (see :class:`ReducerShares`): the others do not wait on it.
+    Each member gathers the step its gradients are for (:attr:`step_of_round`, set by
+    :func:`build_optimizer`): one at another step than most of its group's weighs nothing in the round.
     An auxiliary peer (hivemind's ``AveragingMode.AUX``: it sends no gradients) always reduces its
     share; :attr:`numbers_reduced` counts what it reduced in the rounds it completed, and each such
     round is logged.
@@ -171,8 +173,15 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
     def auxiliary(self) -> bool:
         return self.mode == AveragingMode.AUX
 
+    step_of_round: Optional[Callable[[], int]] = None  # the global step whose gradients this peer averages
+
     def schedule_step(self, *args, **kwargs):
         self.announce(reduces=self.auxiliary or (not self.newcomer and self.local_samples_accumulated > 0))
+        if self.step_of_round is not None:
+            # the group sees which step each member's gradients are for: a member at another step than
+            # most of them (its gradients were computed on parameters a step apart) weighs nothing
+            # (dedloc.swarm.reduction.round_step); it still receives their average
+            kwargs.setdefault("gather", self.step_of_round())
         return super().schedule_step(*args, **kwargs)
 
     round_samples = 0  # samples this peer brought to its latest gradient round
@@ -276,7 +285,7 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
         self.final_round = mp.Event()
         self.downloaded_epoch: Optional[int] = None
         self._receiving_since: Optional[int] = None  # rounds_done when receiving began
-        pass  # MUT  # see the class doc: only steps of members in step
+        kwargs.setdefault("sync_epoch_when_averaging", True)  # see the class doc: only steps of members in step
         super().__init__(*args, **kwargs)
 
     def load_state_from_peers(self, **kwargs) -> None:
@@ -877,6 +886,8 @@ def build_optimizer(
         )
     if config.mode == "diloco" and not auxiliary:
         optimizer.outer = OuterStep(model.parameters(), config.diloco)
+    if optimizer.grad_averager is not None:
+        optimizer.grad_averager.step_of_round = lambda: optimizer.local_epoch
     return optimizer
 
 

@@ -1,6 +1,7 @@
-"""State-averaging rounds between peers at different steps: real state averagers of dedloc's kind on a
-local DHT. A member at another step than most of its group's takes their state and their step; the
-others' average is not pulled toward its state."""
+"""Rounds between peers at different steps: real averagers of dedloc's kind on a local DHT. In a state
+round, a member at another step than most of its group's takes their state and their step; in a
+gradient round, its gradients (computed on parameters a step apart) weigh nothing. Either way the
+others' average is not pulled toward it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from dedloc.swarm.optimizer import CheckedStateAverager
+from dedloc.swarm.optimizer import CheckedStateAverager, ReportingGradientAverager
 from helpers import local_dhts
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,3 +66,35 @@ def test_two_peers_at_different_steps_average_as_they_are():
     after = _state_round([1.0, 3.0], steps=[8, 7], scheduled=False)
     assert [value for value, _ in after] == pytest.approx([2.0, 2.0], abs=1e-5)
     assert [at for _, at in after] == [8, 7]
+
+
+def test_gradients_of_another_step_weigh_nothing():
+    values, steps = [1.0, 3.0, 11.0], [8, 8, 7]
+    dhts = local_dhts(len(values))
+    averagers, params = [], []
+    try:
+        for dht, step in zip(dhts, steps):
+            param = torch.nn.Parameter(torch.zeros(2048))
+            averager = ReportingGradientAverager(
+                [param], dht=dht, prefix="gradient-steps", target_group_size=len(values),
+                min_matchmaking_time=2.0, request_timeout=1.0, start=True)
+            averager.step_of_round = lambda step=step: step
+            averagers.append(averager)
+            params.append(param)
+
+        def one(peer: int) -> torch.Tensor:
+            params[peer].grad = torch.full((2048,), values[peer])
+            averagers[peer].accumulate_grads_(batch_size=4)
+            averagers[peer].step(timeout=40)
+            with averagers[peer].get_tensors() as (averaged,):
+                return averaged.clone()
+
+        with concurrent.futures.ThreadPoolExecutor(len(values)) as pool:
+            results = list(pool.map(one, range(len(values))))
+        # every member, the one at step 7 included, holds the mean of the two gradients of step 8
+        assert all(torch.allclose(result, torch.full((2048,), 2.0)) for result in results), [float(r.mean()) for r in results]
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
