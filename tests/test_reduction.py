@@ -126,11 +126,14 @@ def test_centered_clip_rounds_survive_an_outlier_that_wrecks_the_mean():
 
 def test_the_step_of_a_round_is_the_one_most_senders_are_at():
     assert round_step([7, 7, 6]) == 7
+    assert round_step([7, 7, 8]) == 7  # a member ahead of most is out of step too
     assert round_step([6, 7, 7, 8]) == 7
-    assert round_step([7, 6]) is None  # two members: no telling which one is behind
-    assert round_step([7, 7, 6, 6]) is None
-    assert round_step([None, None]) is None  # gradient rounds gather no step
-    assert round_step([7, "7", None, 7.0, True]) == 7  # only ints are steps
+    assert round_step([7, 6]) == 7  # two members a step apart: the later step
+    assert round_step([7, 7, 6, 6]) == 7
+    assert round_step([9, 7]) is None  # further apart: no telling, nobody is out of step
+    assert round_step([10**9, 7]) is None  # a lone member claiming a far step moves nothing
+    assert round_step([None, None]) is None  # plain averagers gather no step
+    assert round_step([7, "8", None, 8.0, True]) == 7  # only ints are steps
     assert round_step([]) is None
 
 
@@ -142,6 +145,6 @@ def test_a_member_out_of_step_weighs_nothing_and_receives_the_others_average():
     assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in in_step), [float(t.mean()) for t in in_step]
     unlabelled = _average(values, weights=[1.0] * 3, reduces=reduces)
     assert all(torch.allclose(t, torch.full((4096,), 5.0)) for t in unlabelled)
-    # two members at different steps: a tie, nobody is out of step
-    tied = _average([1.0, 3.0], weights=[1.0, 1.0], reduces=[True, True], steps=[8, 7])
-    assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in tied)
+    # two members a step apart: the one behind takes the other's values
+    behind = _average([1.0, 3.0], weights=[1.0, 1.0], reduces=[True, True], steps=[8, 7])
+    assert all(torch.allclose(t, torch.full((4096,), 1.0)) for t in behind)

@@ -60,12 +60,17 @@ def test_a_peer_a_step_behind_takes_the_others_state_and_step(scheduled):
         assert value == pytest.approx(2.0, abs=1e-5) and at == step, after
 
 
-def test_two_peers_at_different_steps_average_as_they_are():
-    """No majority: the plain average, and each keeps its own step (a peer claiming a later step does
-    not move the other's)."""
+def test_of_two_peers_the_one_a_step_behind_takes_the_others_state_and_step():
     after = _state_round([1.0, 3.0], steps=[8, 7], scheduled=False)
+    assert after == [(pytest.approx(1.0, abs=1e-5), 8)] * 2, after
+
+
+def test_two_peers_steps_apart_average_as_they_are():
+    """Steps further apart than one: no telling which is right — the plain average, and each keeps its
+    own step (a peer claiming a far step does not move the other's)."""
+    after = _state_round([1.0, 3.0], steps=[9, 7], scheduled=False)
     assert [value for value, _ in after] == pytest.approx([2.0, 2.0], abs=1e-5)
-    assert [at for _, at in after] == [8, 7]
+    assert [at for _, at in after] == [9, 7]
 
 
 def test_gradients_of_another_step_weigh_nothing():

@@ -270,8 +270,8 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
     another step than most of the group's (it fell a step behind, say, and still carries the same
     parameters label by label one update short) is out of step: its state weighs nothing in the
     round (:class:`CheckedReduction`), so it takes the others' average, and it takes their step too
-    (hivemind's ``sync_epoch_when_averaging``, given only the steps of the members in step). When two
-    steps tie for most, nobody is out of step.
+    (hivemind's ``sync_epoch_when_averaging``, given only the steps of the members in step). Of two
+    members a step apart, the one behind is out of step (:func:`dedloc.swarm.reduction.round_step`).
 
     The wire protocol is hivemind's own (handler names of ``TrainingStateAverager``), so the
     coordinator's plain state reader and this averager serve each other's state downloads.
@@ -444,8 +444,8 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
                 f"this peer was at step {own} in a state-averaging round whose other members were at step {step}: "
                 f"it takes their state" + (" and their step" if isinstance(own, int) and own < step else "")
             )
-        # what hivemind's epoch sync reads: the steps of the members in step (or, with no majority, of
-        # the members at this peer's own step) — a lone member claiming a later step moves nobody's
+        # what hivemind's epoch sync reads: the steps of the members in step (or, when the round has no
+        # step, of the members at this peer's own step) — a lone member claiming a far step moves nobody's
         in_step = own if step is None else step
         gathered = {peer_id: label for peer_id, label in gathered.items() if type(label) is int and label == in_step}
         with self.rounds_done.get_lock():

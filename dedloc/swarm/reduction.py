@@ -10,8 +10,9 @@ claims. :class:`CheckedPartReducer` instead
   fails);
 - counts a claimed weight above ``max_weight`` as ``max_weight``;
 - counts as nothing the part of a sender that is out of step: in a round whose members gathered the
-  step they are at (the state averager's rounds), every sender at another step than the one most of
-  them are at (:func:`round_step`) weighs 0 — it receives the others' average without moving it;
+  step they are at (dedloc's state and gradient rounds), every sender at another step than the
+  round's (:func:`round_step`: the one most of them are at) weighs 0 — it receives the others'
+  average without moving it;
 - combines the parts by their weighted mean (``"mean"``, hivemind's arithmetic) or by
   :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result
   (and how much weight it carries).
@@ -73,19 +74,22 @@ def reduction_shares(total_size: int, announced: Sequence[tuple[Optional[float],
 
 def round_step(labels: Sequence[Any]) -> Optional[int]:
     """The step a round is for, from the step each sending member gathered: the one held by more
-    senders than any other step. None when no sender gathered a step (gradient rounds gather none) or
-    when two steps tie for most — then nobody is out of step (with two members there is no telling
-    which one is behind). Anything but an int counts as no step."""
+    senders than any other step. Two steps one apart that tie for most (with two members: one is a
+    step behind) make it the later one — the swarm's step, as its progress records count it. None
+    when no sender gathered a step (plain averagers gather none) or when steps further apart tie:
+    then nobody is out of step, and a lone member claiming a step far ahead moves nobody. Anything
+    but an int counts as no step."""
     counts: dict[int, int] = {}
     for label in labels:
         if isinstance(label, int) and not isinstance(label, bool):
             counts[label] = counts.get(label, 0) + 1
     if not counts:
         return None
-    ranked = sorted(counts.values(), reverse=True)
-    if len(ranked) > 1 and ranked[0] == ranked[1]:
+    most = max(counts.values())
+    tied = [label for label, count in counts.items() if count == most]
+    if max(tied) - min(tied) > 1:
         return None
-    return max(counts, key=counts.get)
+    return max(tied)
 
 
 def gathered_steps(group_info: GroupInfo, serializer) -> tuple[Optional[int], dict]:
