@@ -267,15 +267,19 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
     round at debug level only).
 
     Every member gathers the step it will be at when the round runs (hivemind's epoch). A member at
-    another step than most of the group's (it fell a step behind, say, and still carries the same
-    parameters label by label one update short) is out of step: its state weighs nothing in the
-    round (:class:`CheckedReduction`), so it takes the others' average, and it takes their step too
-    (hivemind's ``sync_epoch_when_averaging``, given only the steps of the members in step). Of two
-    members a step apart, the one behind is out of step (:func:`dedloc.swarm.reduction.round_step`).
+    another step than the round's (:func:`dedloc.swarm.reduction.round_step`: the one most members
+    are at; of two a step apart, the later) is out of step — its state round found the others' next
+    one, say, because its own step ended a few seconds late. Its state weighs nothing in the round,
+    and it keeps its own state and step, as if the round had failed for it: taking the others' state
+    of the next step while its own update to that step is still to come would apply that update
+    twice. The round does not count in :attr:`rounds_done`. A peer whose step is truly behind the
+    swarm's sees so in the progress records and downloads the state (:class:`SwarmOptimizer`).
 
     The wire protocol is hivemind's own (handler names of ``TrainingStateAverager``), so the
     coordinator's plain state reader and this averager serve each other's state downloads.
     """
+
+    out_of_step_keeps_own = True  # see the class doc
 
     def __init__(self, *args, **kwargs):
         # created before hivemind forks the averager's process, so both sides share them
@@ -285,7 +289,6 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
         self.final_round = mp.Event()
         self.downloaded_epoch: Optional[int] = None
         self._receiving_since: Optional[int] = None  # rounds_done when receiving began
-        kwargs.setdefault("sync_epoch_when_averaging", True)  # see the class doc: only steps of members in step
         super().__init__(*args, **kwargs)
 
     def load_state_from_peers(self, **kwargs) -> None:
@@ -441,13 +444,10 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
         own = labels.get(self.peer_id)
         if step is not None and own != step:
             logger.warning(
-                f"this peer was at step {own} in a state-averaging round whose other members were at step {step}: "
-                f"it takes their state" + (" and their step" if isinstance(own, int) and own < step else "")
+                f"this peer's state round (for step {own}) found the others' round for step {step}: it keeps its own "
+                "state, and they keep theirs"
             )
-        # what hivemind's epoch sync reads: the steps of the members in step (or, when the round has no
-        # step, of the members at this peer's own step) — a lone member claiming a far step moves nobody's
-        in_step = own if step is None else step
-        gathered = {peer_id: label for peer_id, label in gathered.items() if type(label) is int and label == in_step}
+            return {}
         with self.rounds_done.get_lock():
             self.rounds_done.value += 1
         # counted before the round's result reaches the caller, who reads the count right after it

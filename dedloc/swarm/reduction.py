@@ -259,7 +259,13 @@ class CheckedAllReduceRunner(AllReduceRunner):
 class CheckedReduction:
     """Averager mixin: every all-reduce round of this averager runs with a :class:`CheckedAllReduceRunner`
     (``aggregation``, ``max_weight`` and ``clip_tau`` as there; given to the constructor, since the
-    averager's rounds run in the process it forks when it starts)."""
+    averager's rounds run in the process it forks when it starts).
+
+    In a round with a step (:func:`gathered_steps`), a member out of step weighs nothing; it receives
+    the others' average — or, where :attr:`out_of_step_keeps_own` is set, keeps its own values, as if
+    the round had failed for it (it still reduces its share for the others)."""
+
+    out_of_step_keeps_own = False
 
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
                  clip_tau: Optional[float] = None, **kwargs):
@@ -303,8 +309,11 @@ class CheckedReduction:
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
+        keep_own = self.out_of_step_keeps_own and self.peer_id in out_of_step
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
+                if keep_own:
+                    continue
                 tensor.add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
