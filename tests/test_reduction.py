@@ -130,21 +130,22 @@ def test_the_step_of_a_round_is_the_one_most_senders_are_at():
     assert round_step([6, 7, 7, 8]) == 7
     assert round_step([7, 6]) == 7  # two members a step apart: the later step
     assert round_step([7, 7, 6, 6]) == 7
-    assert round_step([9, 7]) is None  # further apart: no telling, nobody is out of step
-    assert round_step([10**9, 7]) is None  # a lone member claiming a far step moves nothing
+    assert round_step([9, 7]) is None  # further apart: no telling
+    assert round_step([10**9, 7]) is None
     assert round_step([None, None]) is None  # plain averagers gather no step
     assert round_step([7, "8", None, 8.0, True]) == 7  # only ints are steps
     assert round_step([]) is None
 
 
-def test_a_member_out_of_step_weighs_nothing_and_receives_the_others_average():
-    """A member that gathered another step than most of its group's (one update behind, say) takes
-    the others' mean; without steps it would pull everyone toward its own values."""
+def test_members_at_different_steps_average_as_ever():
+    """Steps are told and logged, not acted on: a round of members at steps 8, 8 and 7 averages all three."""
     values, reduces = [1.0, 3.0, 11.0], [True, True, True]
-    in_step = _average(values, weights=[1.0] * 3, reduces=reduces, steps=[8, 8, 7])
-    assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in in_step), [float(t.mean()) for t in in_step]
-    unlabelled = _average(values, weights=[1.0] * 3, reduces=reduces)
-    assert all(torch.allclose(t, torch.full((4096,), 5.0)) for t in unlabelled)
-    # two members a step apart: the one behind takes the other's values
-    behind = _average([1.0, 3.0], weights=[1.0, 1.0], reduces=[True, True], steps=[8, 7])
-    assert all(torch.allclose(t, torch.full((4096,), 1.0)) for t in behind)
+    tensors = _average(values, weights=[1.0] * 3, reduces=reduces, steps=[8, 8, 7])
+    assert all(torch.allclose(t, torch.full((4096,), 5.0)) for t in tensors), [float(t.mean()) for t in tensors]
+
+
+def test_senders_that_all_weigh_nothing_get_their_plain_mean():
+    """Every sender tagging along with weight 0 (a paused peer, a peer before a download): the parts'
+    plain mean, where hivemind's reducer would divide 0 by 0."""
+    tensors = _average([1.0, 3.0], weights=[0.0, 0.0], reduces=[True, True])
+    assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in tensors), [float(t.mean()) for t in tensors]

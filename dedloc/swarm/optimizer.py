@@ -41,7 +41,7 @@ from dedloc.faults import active_attack, fault_point, poison
 from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
-from dedloc.swarm.reduction import CheckedReduction, gathered_steps
+from dedloc.swarm.reduction import CheckedReduction
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -141,8 +141,6 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
     A newcomer — a peer whose gradient rounds have not yet completed one since it joined or downloaded
     the swarm's state (:meth:`rejoined`) — and a peer with no samples accumulated when its round is
     scheduled reduce no share of the round (see :class:`ReducerShares`): the others do not wait on it.
-    Each member gathers the step its gradients are for (:attr:`step_of_round`, set by
-    :func:`build_optimizer`): one at another step than most of its group's weighs nothing in the round.
     An auxiliary peer (hivemind's ``AveragingMode.AUX``: it sends no gradients) always reduces its
     share; :attr:`numbers_reduced` counts what it reduced in the rounds it completed, and each such
     round is logged.
@@ -178,9 +176,8 @@ class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShar
     def schedule_step(self, *args, **kwargs):
         self.announce(reduces=self.auxiliary or (not self.newcomer and self.local_samples_accumulated > 0))
         if self.step_of_round is not None:
-            # the group sees which step each member's gradients are for: a member at another step than
-            # most of them (its gradients were computed on parameters a step apart) weighs nothing
-            # (dedloc.swarm.reduction.round_step); it still receives their average
+            # each member tells the group which step its gradients are for (as hivemind's state rounds
+            # do with the step): a round holding members at different steps is logged (CheckedReduction)
             kwargs.setdefault("gather", self.step_of_round())
         return super().schedule_step(*args, **kwargs)
 
@@ -266,20 +263,9 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
     found a group at all are counted in :attr:`rounds_done` (hivemind logs a failed state-averaging
     round at debug level only).
 
-    Every member gathers the step it will be at when the round runs (hivemind's epoch). A member at
-    another step than the round's (:func:`dedloc.swarm.reduction.round_step`: the one most members
-    are at; of two a step apart, the later) is out of step — its state round found the others' next
-    one, say, because its own step ended a few seconds late. Its state weighs nothing in the round,
-    and it keeps its own state and step, as if the round had failed for it: taking the others' state
-    of the next step while its own update to that step is still to come would apply that update
-    twice. The round does not count in :attr:`rounds_done`. A peer whose step is truly behind the
-    swarm's sees so in the progress records and downloads the state (:class:`SwarmOptimizer`).
-
     The wire protocol is hivemind's own (handler names of ``TrainingStateAverager``), so the
     coordinator's plain state reader and this averager serve each other's state downloads.
     """
-
-    out_of_step_keeps_own = True  # see the class doc
 
     def __init__(self, *args, **kwargs):
         # created before hivemind forks the averager's process, so both sides share them
@@ -316,10 +302,6 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
 
     def schedule_step(self, *args, **kwargs):
         self.announce(reduces=not self.receiving)
-        # the step this peer will be at when the round runs, after the step it is about to take (hivemind
-        # gathers max(its step + 1, the swarm's step as its progress records show): a peer one step behind
-        # would then claim the others' step)
-        kwargs["gather"] = self.local_epoch + 1
         return super().schedule_step(*args, **kwargs)
 
     # DiLoCo mode, overlapped (hivemind's delta rule on): the outer step that ends the round in flight
@@ -440,14 +422,6 @@ class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, T
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
         registered = self._running_groups[group_info.group_id]  # resolves to the round's AllReduceRunner
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
-        step, labels = gathered_steps(group_info, self.serializer)
-        own = labels.get(self.peer_id)
-        if step is not None and own != step:
-            logger.warning(
-                f"this peer's state round (for step {own}) found the others' round for step {step}: it keeps its own "
-                "state, and they keep theirs"
-            )
-            return {}
         with self.rounds_done.get_lock():
             self.rounds_done.value += 1
         # counted before the round's result reaches the caller, who reads the count right after it

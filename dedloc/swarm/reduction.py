@@ -9,10 +9,6 @@ claims. :class:`CheckedPartReducer` instead
   that is not a finite number ≥ 0 (hivemind then finishes the part without that sender, as when one
   fails);
 - counts a claimed weight above ``max_weight`` as ``max_weight``;
-- counts as nothing the part of a sender that is out of step: in a round whose members gathered the
-  step they are at (dedloc's state and gradient rounds), every sender at another step than the
-  round's (:func:`round_step`: the one most of them are at) weighs 0 — it receives the others'
-  average without moving it;
 - combines the parts by their weighted mean (``"mean"``, hivemind's arithmetic) or by
   :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result
   (and how much weight it carries).
@@ -74,11 +70,9 @@ def reduction_shares(total_size: int, announced: Sequence[tuple[Optional[float],
 
 def round_step(labels: Sequence[Any]) -> Optional[int]:
     """The step a round is for, from the step each sending member gathered: the one held by more
-    senders than any other step. Two steps one apart that tie for most (with two members: one is a
-    step behind) make it the later one — the swarm's step, as its progress records count it. None
-    when no sender gathered a step (plain averagers gather none) or when steps further apart tie:
-    then nobody is out of step, and a lone member claiming a step far ahead moves nobody. Anything
-    but an int counts as no step."""
+    senders than any other; of two steps one apart that tie for most (a group of two, one member a
+    step behind), the later. None when no sender gathered a step (plain averagers gather none) or
+    when steps further apart tie. Anything but an int counts as no step."""
     counts: dict[int, int] = {}
     for label in labels:
         if isinstance(label, int) and not isinstance(label, bool):
@@ -87,15 +81,12 @@ def round_step(labels: Sequence[Any]) -> Optional[int]:
         return None
     most = max(counts.values())
     tied = [label for label, count in counts.items() if count == most]
-    if max(tied) - min(tied) > 1:
-        return None
-    return max(tied)
+    return None if max(tied) - min(tied) > 1 else max(tied)
 
 
 def gathered_steps(group_info: GroupInfo, serializer) -> tuple[Optional[int], dict]:
     """The step of a round (:func:`round_step` over its senders; auxiliary members send nothing and do
-    not count) and what each member gathered, by peer id. Every member computes the same from the
-    same gathered data."""
+    not count) and what each member gathered, by peer id."""
     labels, senders = {}, []
     for peer_id, entry in zip(group_info.peer_ids, group_info.gathered):
         try:
@@ -178,8 +169,7 @@ class _PartCollector:
         if not self.parts:  # every sender failed: nobody is left to receive the result
             return torch.zeros(self.shape)
         parts, weights = torch.stack(self.parts), torch.tensor(self.weights)
-        if not float(weights.sum()) > 0:
-            # every sender weighs 0 (each tags along, or is out of step): their plain mean, never 0/0
+        if not float(weights.sum()) > 0:  # every sender weighs 0 (each tags along): their plain mean, never 0/0
             return parts.mean(dim=0)
         if self.aggregation == "centered_clip" and len(self.parts) > 1:
             return centered_clip(parts, weights, self.tau)
@@ -195,11 +185,9 @@ class CheckedPartReducer(TensorPartReducer):
     """
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, sender_names: Sequence[str],
-                 aggregation: Aggregation = "mean", max_weight: Optional[float] = None, tau: Optional[float] = None,
-                 weightless: frozenset = frozenset()):
+                 aggregation: Aggregation = "mean", max_weight: Optional[float] = None, tau: Optional[float] = None):
         self.aggregation, self.max_weight, self.tau = aggregation, max_weight, tau
         self.sender_names = list(sender_names)
-        self.weightless = weightless  # indices of senders out of step: their parts weigh 0
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -216,8 +204,6 @@ class CheckedPartReducer(TensorPartReducer):
                 raise RejectedPart(f"sender {self.sender_names[sender_index]}: {problem}")
         if self.max_weight is not None and weight > self.max_weight:
             weight = self.max_weight
-        if sender_index in self.weightless:
-            weight = 0.0
         return await super().accumulate_part(sender_index, part_index, tensor_part, weight=weight)
 
     def _problem(self, part_index: int, tensor_part: torch.Tensor, weight: float) -> Optional[str]:
@@ -236,11 +222,10 @@ class RejectedPart(AllreduceException):
 
 
 class CheckedAllReduceRunner(AllReduceRunner):
-    """hivemind's all-reduce runner with a :class:`CheckedPartReducer` in place of its own; the senders
-    in ``out_of_step`` (peer ids) weigh 0 there."""
+    """hivemind's all-reduce runner with a :class:`CheckedPartReducer` in place of its own."""
 
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
-                 clip_tau: Optional[float] = None, out_of_step: frozenset = frozenset(), **kwargs):
+                 clip_tau: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
         # hivemind's own reducer, replaced before it saw any part, would warn "Reducer: received 0.0% of
         # input tensors" when garbage-collected (its __del__ finalizes it): marked finished, it stays quiet
@@ -252,20 +237,13 @@ class CheckedAllReduceRunner(AllReduceRunner):
             aggregation=aggregation,
             max_weight=max_weight,
             tau=clip_tau,
-            weightless=frozenset(index for index, peer_id in enumerate(self.sender_peer_ids) if peer_id in out_of_step),
         )
 
 
 class CheckedReduction:
     """Averager mixin: every all-reduce round of this averager runs with a :class:`CheckedAllReduceRunner`
     (``aggregation``, ``max_weight`` and ``clip_tau`` as there; given to the constructor, since the
-    averager's rounds run in the process it forks when it starts).
-
-    In a round with a step (:func:`gathered_steps`), a member out of step weighs nothing; it receives
-    the others' average — or, where :attr:`out_of_step_keeps_own` is set, keeps its own values, as if
-    the round had failed for it (it still reduces its share for the others)."""
-
-    out_of_step_keeps_own = False
+    averager's rounds run in the process it forks when it starts)."""
 
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
                  clip_tau: Optional[float] = None, **kwargs):
@@ -287,10 +265,12 @@ class CheckedReduction:
         if self.unchecked:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         step, labels = gathered_steps(group_info, self.serializer)
-        out_of_step = frozenset(peer_id for peer_id, label in labels.items() if step is not None and label != step)
-        if out_of_step:
-            logger.info(f"a round for step {step}: {len(out_of_step)} of {group_info.group_size} members are at another "
-                        f"step ({sorted(str(labels[peer_id]) for peer_id in out_of_step)}); their parts weigh nothing")
+        apart = sorted(str(label) for label in labels.values() if step is not None and label != step)
+        if apart:
+            # hivemind forms groups by time, not by step: a peer whose step ended late can land in the
+            # others' next round. Logged, not acted on (docs/reliability.md, open defects)
+            logger.info(f"a round of {self.prefix} for step {step} holds {len(apart)} of {group_info.group_size} "
+                        f"members at another step ({', '.join(apart)})")
         # hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_, building dedloc's runner: the
         # runner's reducer has no other hook
         group_id = group_info.group_id if group_id is None else group_id
@@ -304,16 +284,12 @@ class CheckedReduction:
             aggregation=self.aggregation,
             max_weight=self.max_weight,
             clip_tau=self.clip_tau,
-            out_of_step=out_of_step,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
-        keep_own = self.out_of_step_keeps_own and self.peer_id in out_of_step
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
-                if keep_own:
-                    continue
                 tensor.add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
