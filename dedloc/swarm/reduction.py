@@ -84,19 +84,17 @@ def round_step(labels: Sequence[Any]) -> Optional[int]:
     return None if max(tied) - min(tied) > 1 else max(tied)
 
 
-def gathered_steps(group_info: GroupInfo, serializer) -> tuple[Optional[int], dict]:
+def gathered_steps(announced: Sequence[Sequence[Any]], serializer) -> tuple[Optional[int], list]:
     """The step of a round (:func:`round_step` over its senders; auxiliary members send nothing and do
-    not count) and what each member gathered, by peer id."""
-    labels, senders = {}, []
-    for peer_id, entry in zip(group_info.peer_ids, group_info.gathered):
+    not count) and the step each member gathered, from the members' loaded gathered data
+    ``[bandwidth, mode, user data]``."""
+    labels = []
+    for entry in announced:
         try:
-            _, mode, user_data = serializer.loads(entry)
-            label = serializer.loads(user_data)
+            labels.append(serializer.loads(entry[2]))
         except Exception:  # malformed data from a member: it gathered no step
-            mode, label = None, None
-        labels[peer_id] = label
-        if mode != AveragingMode.AUX.value:
-            senders.append(label)
+            labels.append(None)
+    senders = [label for label, entry in zip(labels, announced) if entry[1] != AveragingMode.AUX.value]
     return round_step(senders), labels
 
 
@@ -258,14 +256,14 @@ class CheckedReduction:
         # not hand it to the runner (no issue filed upstream), which then derives the modes from the
         # shares: an auxiliary peer with a share counted as a sender, and the others waited for its (zero,
         # weight-0) gradients and sent it the average. The modes the members announced are passed here
-        announced = [self.serializer.loads(entry)[:2] for entry in group_info.gathered]  # (bandwidth, mode)
-        kwargs.setdefault("modes", tuple(AveragingMode(mode) for _, mode in announced))
+        announced = [self.serializer.loads(entry) for entry in group_info.gathered]  # [bandwidth, mode, user data]
+        kwargs.setdefault("modes", tuple(AveragingMode(entry[1]) for entry in announced))
         # dedloc's split of the vector replaces hivemind's (computed from the same gathered data)
-        kwargs["peer_fractions"] = reduction_shares(self.total_size, [(b, AveragingMode(m)) for b, m in announced])
+        kwargs["peer_fractions"] = reduction_shares(self.total_size, [(b, AveragingMode(m)) for b, m, _ in announced])
         if self.unchecked:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
-        step, labels = gathered_steps(group_info, self.serializer)
-        apart = sorted(str(label) for label in labels.values() if step is not None and label != step)
+        step, labels = gathered_steps(announced, self.serializer)
+        apart = sorted(str(label) for label in labels if step is not None and label != step)
         if apart:
             # hivemind forms groups by time, not by step: a peer whose step ended late can land in the
             # others' next round. Logged, not acted on (docs/reliability.md, open defects)
