@@ -1,6 +1,7 @@
 """Attack benchmark: one scripted bad volunteer among the peers, with dedloc's defences on and off.
 
     python -m bench.attack [--attacks sign-flip,random,nan,weight] [--peers 4] [--steps 16] [--out attack-results]
+                           [--set SECTION.KEY=VALUE ...]
 
 Runs a small swarm (coordinator and ``--peers`` peers as real processes on loopback) once without an
 attacker (the clean run), then, for every attack, twice with peer-1 attacking: with the defences on
@@ -12,6 +13,8 @@ gradient's norm, NaN gradients, an honest gradient with a 1000 × claimed weight
 Prints one row per run: the coordinator's held-out loss at the last step, its ratio to the clean
 run's, and the steps the run finished. Writes ``attack.json``. The target: with the defences on, within
 5 % of the clean run; off, measurably worse. Exits 1 when a defended run misses that target.
+``--set`` changes the run config of every run, the clean one included (e.g.
+``--set averaging.powersgd_rank=4``: the attacks against PowerSGD's factors).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dedloc.faults import ATTACKS
 from dedloc.lab.network import LoopbackNetwork
 from dedloc.lab.swarm import TINY_MODEL, LabSwarm
 
+from bench.throughput import parse_override
+
 TOLERANCE = 0.05
 RUN_TIMEOUT = 600.0
 
@@ -47,23 +52,26 @@ class AttackRun:
     ratio_to_clean: Optional[float] = None
 
 
-def run_config(path: Path, steps: int, peers: int, defences: Optional[bool]) -> Path:
-    config = default_run_config(
-        training={"target_batch_size": 64, "micro_batch_size": 16, "total_steps": steps, "min_peers": peers,
-                  "wait_for_peers_timeout": 120.0},
-        optimizer={"lr": 3e-3, "warmup_steps": 1},
-        checkpoint={"every_steps": steps, "keep_last": 1},
-        averaging={"aggregation": "centered_clip" if defences else "mean"},
-        **TINY_MODEL,
-    )
+def run_config(path: Path, steps: int, peers: int, defences: Optional[bool],
+               overrides: tuple[tuple[str, str, object], ...] = ()) -> Path:
+    sections: dict[str, dict] = {name: dict(values) for name, values in TINY_MODEL.items()}
+    sections["training"] = {"target_batch_size": 64, "micro_batch_size": 16, "total_steps": steps, "min_peers": peers,
+                            "wait_for_peers_timeout": 120.0}
+    sections["optimizer"] = {"lr": 3e-3, "warmup_steps": 1}
+    sections["checkpoint"] = {"every_steps": steps, "keep_last": 1}
+    sections["averaging"] = {"aggregation": "centered_clip" if defences else "mean"}
+    for section, key, value in overrides:
+        sections.setdefault(section, {})[key] = value
+    config = default_run_config(**sections)
     path.write_text(config.to_toml(), encoding="utf-8")
     return path
 
 
-def run_once(workdir: Path, label: str, attack: Optional[str], defences: Optional[bool], peers: int, steps: int) -> AttackRun:
+def run_once(workdir: Path, label: str, attack: Optional[str], defences: Optional[bool], peers: int, steps: int,
+             overrides: tuple[tuple[str, str, object], ...] = ()) -> AttackRun:
     """One swarm to its last step; peer-1 runs ``attack`` (``attack-…``) when given."""
     workdir.mkdir(parents=True, exist_ok=True)
-    config = run_config(workdir / "run.toml", steps, peers, defences)
+    config = run_config(workdir / "run.toml", steps, peers, defences, overrides)
     swarm = LabSwarm(LoopbackNetwork(), workdir / "lab", config)
     started = time.monotonic()
     try:
@@ -85,13 +93,15 @@ def run_once(workdir: Path, label: str, attack: Optional[str], defences: Optiona
     return AttackRun(label, attack, defences, loss, max(steps_done, default=0), time.monotonic() - started)
 
 
-def run_matrix(out: Path, attacks: list[str], peers: int, steps: int, echo=print) -> list[AttackRun]:
-    runs = [run_once(out / "clean", "clean (no attacker, default run)", None, None, peers, steps)]
+def run_matrix(out: Path, attacks: list[str], peers: int, steps: int, echo=print,
+               overrides: tuple[tuple[str, str, object], ...] = ()) -> list[AttackRun]:
+    runs = [run_once(out / "clean", "clean (no attacker, default run)", None, None, peers, steps, overrides)]
     echo(describe(runs[-1]))
     for attack in attacks:
         for defences in (True, False):
             label = f"{attack.removeprefix('attack-')}, defences {'on' if defences else 'off'}"
-            run = run_once(out / label.replace(", ", "-").replace(" ", "-"), label, attack, defences, peers, steps)
+            run = run_once(out / label.replace(", ", "-").replace(" ", "-"), label, attack, defences, peers, steps,
+                           overrides)
             runs.append(run)
             echo(describe(run))
     clean = runs[0].heldout_loss
@@ -128,12 +138,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("attack-results"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change every run's config (repeatable), e.g. averaging.powersgd_rank=4")
     args = parser.parse_args(argv)
     attacks = [f"attack-{name.strip()}" for name in args.attacks.split(",") if name.strip()]
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or args.peers < 3 or args.steps < 2:
         parser.error(f"unknown attacks {unknown}" if unknown else "--peers must be ≥ 3 and --steps ≥ 2")
-    runs = run_matrix(args.out, attacks, args.peers, args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        overrides = tuple(parse_override(text) for text in args.overrides)
+        run_config(args.out / "run.toml", args.steps, args.peers, True, overrides)  # a bad --set fails here, not in a peer
+    except Exception as error:
+        parser.error(f"--set: {error}")
+    runs = run_matrix(args.out, attacks, args.peers, args.steps, overrides=overrides)
     print(table(runs))
     (args.out / "attack.json").write_text(json.dumps([asdict(run) for run in runs], indent=2) + "\n")
     missed = defended_within_target(runs)
