@@ -9,9 +9,15 @@ from typing import Optional
 import hivemind
 import pytest
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
+from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.optimizer import ReducerShares
 from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights, round_step
+from dedloc.swarm.weight_bound import Progress, PublishedProgress, claim_bound, parse_progress
 from helpers import local_dhts
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,11 +78,12 @@ class _Averager(CheckedReduction, ReducerShares, hivemind.averaging.Decentralize
 
 
 def _average(values: list[float], weights: list[float], reduces: list[bool], steps: Optional[list] = None,
-             **reduction) -> list[torch.Tensor]:
-    """One round of real averagers on a local DHT, each holding a vector filled with its value (and
-    gathering its entry of ``steps``, as the state averager gathers its step)."""
+             dhts: Optional[list] = None, **reduction) -> list[torch.Tensor]:
+    """One round of real averagers on a local DHT (``dhts``, shut down here; default: fresh ones), each
+    holding a vector filled with its value (and gathering its entry of ``steps``, as the state averager
+    gathers its step)."""
     steps = steps or [None] * len(values)
-    dhts = local_dhts(len(values))
+    dhts = dhts or local_dhts(len(values))
     averagers = []
     try:
         for dht, value, reducing in zip(dhts, values, reduces):
@@ -114,6 +121,54 @@ def test_a_claimed_weight_is_bounded():
     assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in bounded)
     trusted = _average([1.0, 3.0], weights=[1.0, 1000.0], reduces=[True, True])
     assert all(float(t.mean()) > 2.99 for t in trusted)  # without the bound the claim wins
+
+
+def test_a_claim_beyond_the_senders_published_progress_counts_as_its_bound():
+    """Each member's DHT node and progress record carry its own identity (as a peer's do). Member 3
+    published 32 samples and claims 3,200: it counts for its bound, 2 × 32 + two micro-batches of 16 =
+    96, not for the target batch (256). Member 2 published nothing: the target batch alone bounds it
+    (its honest claim of 32 stands)."""
+    identities = [Identity.create_ephemeral() for _ in range(3)]
+    try:
+        local = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+        dhts = []
+        for identity in identities:
+            initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
+            dhts.append(hivemind.DHT(**local, initial_peers=initial, identity_path=str(identity.path),
+                                     record_validators=[RSASignatureValidator(identity.private_key)]))
+        assert [dht.peer_id for dht in dhts] == [identity.peer_id for identity in identities]
+        for index in (0, 2):
+            validator = RSASignatureValidator(identities[index].private_key)
+            record = LocalTrainingProgress(peer_id=dhts[index].peer_id.to_bytes(), epoch=0, samples_accumulated=32,
+                                           samples_per_second=0.0, time=get_dht_time(), client_mode=False)
+            assert dhts[index].store("run_progress", subkey=validator.local_public_key, value=record.dict(),
+                                     expiration_time=get_dht_time() + 120)
+        bound = PublishedProgress("run_progress", micro_batch=16)
+        tensors = _average([1.0, 3.0, 11.0], weights=[32.0, 32.0, 3200.0], reduces=[True] * 3, dhts=dhts,
+                           max_weight=256.0, weight_bound=bound)
+    finally:
+        for identity in identities:
+            identity.discard()
+    expected = (32 * 1.0 + 32 * 3.0 + 96 * 11.0) / 160  # 7.4; bounded by the target batch alone: 9.2
+    assert all(torch.allclose(t, torch.full((4096,), expected)) for t in tensors), [float(t.mean()) for t in tensors]
+
+
+def test_a_bound_grows_with_the_published_throughput_and_skips_malformed_records():
+    published = Progress(samples=32, samples_per_second=10.0, time=100.0)
+    assert claim_bound(published, now=102.0, micro_batch=16) == pytest.approx(2 * (32 + 20) + 32)
+    assert claim_bound(published, now=90.0, micro_batch=16) == pytest.approx(2 * 32 + 32)  # a clock ahead adds nothing
+    owner = RSAPrivateKey()
+    subkey = RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", owner.get_public_key().to_bytes())
+    good = {"samples_accumulated": 8, "samples_per_second": 2.5, "time": 1.0}
+    found = parse_progress({
+        subkey: ValueWithExpiration(good, 0.0),
+        b"no owner": ValueWithExpiration(good, 0.0),
+        subkey + b"x": ValueWithExpiration({**good, "samples_accumulated": -1}, 0.0),
+    })
+    assert found == {peer_id_of_public_key(owner.get_public_key()): Progress(8, 2.5, 1.0)}
+    for bad in ({**good, "samples_per_second": float("nan")}, {**good, "time": "now"}, {**good, "samples_accumulated": True}, None):
+        assert parse_progress({subkey: ValueWithExpiration(bad, 0.0)}) == {}
+    assert parse_progress(None) == {} and parse_progress([1, 2]) == {}
 
 
 def test_centered_clip_rounds_survive_an_outlier_that_wrecks_the_mean():

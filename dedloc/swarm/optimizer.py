@@ -42,6 +42,7 @@ from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
 from dedloc.swarm.reduction import CheckedReduction
+from dedloc.swarm.weight_bound import PublishedProgress
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -828,6 +829,8 @@ def build_optimizer(
                 aggregation=averaging.aggregation,
                 clip_tau=averaging.centered_clip_tau,
                 max_weight=float(config.training.target_batch_size),  # a round's weight is its samples
+                # ... and no more than the sender's own progress records account for
+                weight_bound=PublishedProgress(f"{prefix}_progress", config.training.micro_batch_size),
                 **averager_opts,
             ),
         )

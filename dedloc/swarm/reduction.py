@@ -8,7 +8,9 @@ claims. :class:`CheckedPartReducer` instead
 - bans from the round a sender whose part is not finite, has the wrong shape, or comes with a weight
   that is not a finite number ≥ 0 (hivemind then finishes the part without that sender, as when one
   fails);
-- counts a claimed weight above ``max_weight`` as ``max_weight``;
+- counts a claimed weight above ``max_weight`` as ``max_weight``, and a sender's claim above its own
+  bound (``sender_bounds``: what its published progress allows, :mod:`dedloc.swarm.weight_bound`) as
+  that bound;
 - combines the parts by their weighted mean (``"mean"``, hivemind's arithmetic) or by
   :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result
   (and how much weight it carries).
@@ -183,9 +185,12 @@ class CheckedPartReducer(TensorPartReducer):
     """
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, sender_names: Sequence[str],
-                 aggregation: Aggregation = "mean", max_weight: Optional[float] = None, tau: Optional[float] = None):
+                 aggregation: Aggregation = "mean", max_weight: Optional[float] = None, tau: Optional[float] = None,
+                 sender_bounds: Optional[Sequence[Optional[float]]] = None):
         self.aggregation, self.max_weight, self.tau = aggregation, max_weight, tau
         self.sender_names = list(sender_names)
+        self.sender_bounds = list(sender_bounds) if sender_bounds is not None else [None] * num_senders
+        self._bounded: set[int] = set()  # senders whose claim was bounded in this round (logged once each)
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -202,6 +207,13 @@ class CheckedPartReducer(TensorPartReducer):
                 raise RejectedPart(f"sender {self.sender_names[sender_index]}: {problem}")
         if self.max_weight is not None and weight > self.max_weight:
             weight = self.max_weight
+        bound = self.sender_bounds[sender_index] if 0 <= sender_index < len(self.sender_bounds) else None
+        if bound is not None and weight > bound:
+            if sender_index not in self._bounded:
+                self._bounded.add(sender_index)
+                logger.info(f"counted {self.sender_names[sender_index]}'s claimed weight {weight:g} as {bound:.1f}: "
+                            "more samples than its published progress accounts for")
+            weight = bound
         return await super().accumulate_part(sender_index, part_index, tensor_part, weight=weight)
 
     def _problem(self, part_index: int, tensor_part: torch.Tensor, weight: float) -> Optional[str]:
@@ -223,7 +235,7 @@ class CheckedAllReduceRunner(AllReduceRunner):
     """hivemind's all-reduce runner with a :class:`CheckedPartReducer` in place of its own."""
 
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
-                 clip_tau: Optional[float] = None, **kwargs):
+                 clip_tau: Optional[float] = None, weight_bounds: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
         # hivemind's own reducer, replaced before it saw any part, would warn "Reducer: received 0.0% of
         # input tensors" when garbage-collected (its __del__ finalizes it): marked finished, it stays quiet
@@ -235,20 +247,29 @@ class CheckedAllReduceRunner(AllReduceRunner):
             aggregation=aggregation,
             max_weight=max_weight,
             tau=clip_tau,
+            sender_bounds=[(weight_bounds or {}).get(peer_id) for peer_id in self.sender_peer_ids],
         )
 
 
 class CheckedReduction:
     """Averager mixin: every all-reduce round of this averager runs with a :class:`CheckedAllReduceRunner`
     (``aggregation``, ``max_weight`` and ``clip_tau`` as there; given to the constructor, since the
-    averager's rounds run in the process it forks when it starts)."""
+    averager's rounds run in the process it forks when it starts). ``weight_bound`` (a
+    :class:`~dedloc.swarm.weight_bound.PublishedProgress`) bounds each sender's claimed weight by its
+    published progress as well."""
 
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
-                 clip_tau: Optional[float] = None, **kwargs):
+                 clip_tau: Optional[float] = None, weight_bound=None, **kwargs):
         self.aggregation, self.max_weight, self.clip_tau = aggregation, max_weight, clip_tau
+        self.weight_bound = weight_bound
         # the attack benchmark's baseline: hivemind's own reducer (any part, any weight, the mean)
         self.unchecked = fault_active("defences-off")
         super().__init__(*args, **kwargs)
+
+    async def _step(self, **kwargs):
+        if self.weight_bound is not None and not self.unchecked:
+            self.weight_bound.start(self.dht)  # the senders' records are read while the group forms
+        return await super()._step(**kwargs)
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: Optional[bytes] = None, **kwargs):
@@ -269,6 +290,8 @@ class CheckedReduction:
             # others' next round. Logged, not acted on (docs/reliability.md, open defects)
             logger.info(f"a round of {self.prefix} for step {step} holds {len(apart)} of {group_info.group_size} "
                         f"members at another step ({', '.join(apart)})")
+        if self.weight_bound is not None:
+            kwargs["weight_bounds"] = await self.weight_bound.bounds(self.dht, group_info.peer_ids)
         # hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_, building dedloc's runner: the
         # runner's reducer has no other hook
         group_id = group_info.group_id if group_id is None else group_id
