@@ -194,6 +194,8 @@ class PeerTrainer:
         self.rate_watcher = SwarmRateWatcher(dht, self.prefix, self.peer_id)
         self.contact = SwarmContact(dht, self.prefix, self.peer_id, coordinator_id)
         self.samples_contributed = 0
+        self.nonfinite_batches = 0  # micro-batches whose gradients were NaN or infinite (dropped)
+        self._nan_fault = fault_active("nan-micro-batch")  # tests: this peer's third micro-batch gives a NaN loss
         self.last_loss: Optional[float] = None
         self._last_publish = 0.0
         self._publish_lock = threading.Lock()
@@ -396,8 +398,14 @@ class PeerTrainer:
             batch = self.compute.to_device(next(batches))
             with self.compute.autocast():
                 loss = model(**batch).loss
+            if self._nan_fault and len(stats.losses) == 2:
+                self._nan_fault, loss = False, loss * float("nan")
             opt.last_step = self.stop_at()
-            self.compute.backward_and_step(loss, opt)
+            if not self.compute.backward_and_step(loss, opt):
+                self.nonfinite_batches += 1
+                logger.warning(f"a micro-batch gave NaN or infinite gradients (loss {float(loss.detach()):.4g}): "
+                               f"dropped, not sent to the swarm ({self.nonfinite_batches} so far)")
+                continue
             stats.losses.append(float(loss.detach()))
             opt.zero_grad(set_to_none=False)
             stats.samples += self.micro_batch_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,14 @@ class Processes:
         self.logdir = logdir
         self.children: list[ChildProcess] = []
 
-    def dedloc(self, *args: str, name: str | None = None, threads: int = 1) -> ChildProcess:
-        """Start ``dedloc ARGS…``; ``name`` (default: the subcommand) names its log file."""
+    def dedloc(self, *args: str, name: str | None = None, threads: int = 1, faults: Sequence[str] = ()) -> ChildProcess:
+        """Start ``dedloc ARGS…``; ``name`` (default: the subcommand) names its log file; ``faults``: its
+        fault points (``DEDLOC_FAULTS``, see :mod:`dedloc.faults`)."""
         name = name or args[0]
-        child = ChildProcess(
-            name, [sys.executable, "-m", "dedloc", *args], self.logdir / f"{name}.log", env=child_env(threads)
-        )
+        env = child_env(threads)
+        if faults:
+            env["DEDLOC_FAULTS"] = ",".join(faults)
+        child = ChildProcess(name, [sys.executable, "-m", "dedloc", *args], self.logdir / f"{name}.log", env=env)
         self.children.append(child)
         return child
 

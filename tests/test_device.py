@@ -132,10 +132,24 @@ def test_fp32_plan_is_a_plain_backward_and_step():
     before = model.weight.detach().clone()
     with plan.autocast():
         pass
-    plan.backward_and_step(loss, optimizer)
+    assert plan.backward_and_step(loss, optimizer) is True
     assert not torch.equal(model.weight, before)
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
     assert plan.to_device(batch) is batch
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_fp32_gradients_that_are_not_finite_are_dropped(poison):
+    """A NaN or infinite micro-batch never reaches the optimizer (which would send it to the swarm)."""
+    plan = ComputePlan(torch.device("cpu"), "fp32", micro_batch_size=2)
+    model, optimizer, loss = _loss_and_model()
+    before = model.weight.detach().clone()
+    assert plan.backward_and_step(loss * poison, optimizer) is False
+    assert torch.equal(model.weight, before), "a step on non-finite gradients was taken"
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    # the next, finite micro-batch steps as usual
+    assert plan.backward_and_step(model(torch.ones(2, 4)).square().mean(), optimizer) is True
+    assert not torch.equal(model.weight, before) and torch.isfinite(model.weight).all()
 
 
 class _OutOfMemoryAbove(torch.nn.Module):

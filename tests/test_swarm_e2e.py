@@ -43,12 +43,15 @@ def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
     coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(coordinator_dir))
     join = join_addresses(coordinator_dir, coordinator)
     peers = []
+    # in synchronous mode, one micro-batch of peer-2 gives a NaN loss (fault point): the peer drops it
+    # instead of sending NaN gradients, which every reducer would refuse, leaving it to step alone on them
+    nan_batch = overrides.get("mode") != "diloco" and not overrides["averaging"].get("delayed_updates")
     for index in (1, 2):
         peer_dir = tmp_path / f"peer-{index}"
         peers.append(
             procs.dedloc(
                 "peer", "--join", *join, "--workdir", str(peer_dir), "--snapshot-dir", str(peer_dir / "final"),
-                name=f"peer-{index}",
+                name=f"peer-{index}", faults=("nan-micro-batch",) if nan_batch and index == 2 else (),
             )
         )
 
@@ -60,6 +63,10 @@ def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
         assert "Traceback" not in child.log_path.read_text(), f"{child.name} logged a traceback"
     for peer in peers:  # the start-up figure the performance doc reports
         assert "first samples contributed" in peer.log_path.read_text(), peer.log_tail(30)
+    if nan_batch:
+        log = peers[1].log_path.read_text()
+        assert "fault injected: nan-micro-batch" in log and "gave NaN or infinite gradients" in log, peers[1].log_tail(30)
+        assert "rejected a part" not in peers[0].log_path.read_text()  # nothing non-finite reached a reducer
     if overrides.get("mode") == "diloco":
         overlapped = 0
         for peer in peers:  # an outer step at each of the 6 global steps

@@ -238,21 +238,35 @@ class ComputePlan:
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """``loss.backward()`` then ``optimizer.step()``, with loss scaling in fp16."""
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        """``loss.backward()`` then ``optimizer.step()``, with loss scaling in fp16. Returns False when the
+        gradients came out NaN or infinite (an overflow, a bad batch): they are zeroed and the optimizer
+        does not see them — sent to the swarm, they would be refused by every reducer and leave this
+        peer stepping alone on them. In fp16 the loss scaler does that itself (and lowers its scale)."""
         if self.scaler is None:
             loss.backward()
+            if not gradients_finite(optimizer):
+                optimizer.zero_grad(set_to_none=False)
+                return False
             optimizer.step()
-            return
+            return True
         self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
+        return True
 
     def peak_memory_mib(self) -> Optional[float]:
         """Peak memory allocated on a CUDA device so far, MiB (None elsewhere)."""
         if self.device.type != "cuda":
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient of ``optimizer``'s parameters is finite (one device sync for all of them)."""
+    sums = [param.grad.float().sum() for group in optimizer.param_groups for param in group["params"]
+            if param.grad is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def search_micro_batch(model: torch.nn.Module, sample: dict, device: torch.device, precision: Precision,
