@@ -7,6 +7,7 @@ debug``), and colour is used only on a terminal. While a live display is drawn o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from typing import TYPE_CHECKING, Callable, Optional
@@ -43,6 +44,10 @@ class _KnownHivemindNoise(logging.Filter):
       FileNotFoundError / EOFError); the command was a goodbye that no longer matters;
     - ``DecentralizedAverager._step`` setting the result of an averaging round the optimizer had
       already cancelled ("Task exception was never retrieved ... InvalidStateError ... CANCELLED");
+    - an all-reduce cancelled because its round outlived the step's timeout: hivemind logs "Unable to
+      run All-Reduce" over the CancelledError with both tracebacks, the round fails for its caller
+      (which deals with it as with any failed round), and asyncio later reports the cancelled
+      round's future as never retrieved. It is shown as one warning line;
     - an averaging RPC refused to a peer without access (``NotAdmitted``), logged once per peer by
       :mod:`dedloc.swarm.access`; hivemind's P2P logs the handler's exception each time.
     Everything else hivemind logs is shown as it is.
@@ -65,6 +70,14 @@ class _KnownHivemindNoise(logging.Filter):
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
             return True
+        if record.name.startswith("hivemind.") and "Unable to run All-Reduce" in str(error) \
+                and isinstance(error.__context__, asyncio.CancelledError):
+            record.msg, record.args = f"{str(error).rstrip(': ')}: the round was cancelled (it outlived its timeout)", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            return True
+        if record.name == "asyncio" and isinstance(error, asyncio.CancelledError):
+            return False  # a cancelled round's future that nobody awaited (above)
         if record.name.startswith("hivemind.dht") and any(f.endswith("resource_sharer.py") for f in frames):
             return False
         if record.name == "asyncio" and type(error).__name__ == "InvalidStateError" and "CANCELLED" in str(error):

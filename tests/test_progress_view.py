@@ -156,6 +156,35 @@ def test_a_round_without_a_group_is_one_warning_line_other_errors_keep_their_tra
     assert err.count("Traceback") == 1 and "ValueError: a real bug" in err, err
 
 
+def test_a_round_cancelled_by_its_timeout_is_one_warning_line(setup_logging, capsys):
+    """hivemind logs "Unable to run All-Reduce" over the CancelledError of a round that outlived its
+    timeout (both tracebacks), and asyncio then reports the cancelled future: one warning line in all.
+    The same message over another cause keeps its traceback."""
+    import asyncio
+
+    from hivemind.averaging.matchmaking import MatchmakingException
+
+    setup_logging()
+    capsys.readouterr()
+    averager_log, asyncio_log = logging.getLogger("hivemind.averaging.averager"), logging.getLogger("asyncio")
+    for cause in (asyncio.CancelledError(), ValueError("a real bug")):
+        try:
+            try:
+                raise cause
+            except BaseException as e:
+                raise MatchmakingException(f"Unable to run All-Reduce: {e}")
+        except MatchmakingException as e:
+            averager_log.exception(e)
+    try:
+        raise asyncio.CancelledError()
+    except asyncio.CancelledError as e:
+        asyncio_log.error("Future exception was never retrieved", exc_info=e)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "hivemind.averaging.averager: Unable to run All-Reduce" in line]
+    assert len(lines) == 2 and "WARN" in lines[0] and "outlived its timeout" in lines[0] and "ERROR" in lines[1], err
+    assert "never retrieved" not in err and err.count("Traceback") == 2 and "ValueError: a real bug" in err, err
+
+
 def test_swarm_rate_counts_only_other_peers_online():
     def metrics(peer: str, rate: float, age: float) -> PeerMetrics:
         return PeerMetrics(peer_id=peer, step=1, samples_per_second=rate, samples=0, time=1000.0 - age)
