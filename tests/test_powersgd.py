@@ -1,7 +1,8 @@
 """PowerSGD gradient rounds (``averaging.powersgd_rank``): real averagers of dedloc's kind on a local
 DHT, each holding its own gradient. A mean of rank ≤ r comes through whole; a fuller one comes through
 as its rank-r approximation, and error feedback sends the rest in the next round; a non-finite
-gradient is refused by the reducers' checks in the factor all-reduces too."""
+gradient is refused by the reducers' checks in the factor all-reduces too, and its sender holds up
+neither phase."""
 
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ class _Averager(PowerSGDReportingAverager):
         super().announce(self.reduces)
 
 
-def _rounds(gradients: list[list[list[torch.Tensor]]], rank: int, reduces: list[bool]) -> list[list[Optional[list[torch.Tensor]]]]:
+def _rounds(gradients: list[list[list[torch.Tensor]]], rank: int, reduces: list[bool],
+            timeouts: Optional[dict] = None) -> list[list[Optional[list[torch.Tensor]]]]:
     """``gradients[round][peer]``: one gradient round per entry with every peer; per round and peer,
-    the averaged gradient that peer ended with (None: the round failed for it)."""
+    the averaged gradient that peer ended with (None: the round failed for it). ``timeouts`` replace
+    the averagers' sender/reducer/all-reduce timeouts, and a round that fails is then not retried."""
     peers = len(gradients[0])
     dhts = local_dhts(peers)
     averagers, parameters = [], []
@@ -42,7 +45,8 @@ def _rounds(gradients: list[list[list[torch.Tensor]]], rank: int, reduces: list[
             params = [torch.nn.Parameter(torch.zeros(shape)) for shape in SHAPES]
             averager = _Averager(
                 params, averager_rank=rank, dht=dht, prefix="powersgd", target_group_size=peers,
-                min_matchmaking_time=2.0, request_timeout=1.0, sender_timeout=5.0, reducer_timeout=10.0, start=False)
+                min_matchmaking_time=2.0, request_timeout=1.0,
+                **(timeouts or dict(sender_timeout=5.0, reducer_timeout=10.0)), start=False)
             averager.reduces = reducing
             averager.run_in_background(await_ready=True)
             averagers.append(averager)
@@ -53,7 +57,7 @@ def _rounds(gradients: list[list[list[torch.Tensor]]], rank: int, reduces: list[
                 param.grad = grad.clone()
             averagers[peer].accumulate_grads_(batch_size=1)
             try:
-                averagers[peer].step(timeout=60)
+                averagers[peer].step(timeout=60, allow_retries=timeouts is None)
             except Exception:  # the round failed for this peer (hivemind raises)
                 return None
             with averagers[peer].get_tensors() as averaged:
@@ -122,6 +126,22 @@ def test_a_non_finite_gradient_is_refused_in_the_factor_rounds():
         assert peer is not None, "an honest peer's round failed"
         for tensor, expected in zip(peer, mean):
             torch.testing.assert_close(tensor, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_member_whose_factors_are_refused_holds_up_nobody():
+    # the poisoned peer reduces a share too. Refused in the P all-reduce, it is left out of the Q
+    # all-reduce by the reducers that refused it; its own reducer finishes its share without its own
+    # part. Without that the others wait for it until the sender/reducer timeouts (30/60 s here), past
+    # the all-reduce timeout (15 s), and their round fails
+    generator = torch.Generator().manual_seed(4)
+    grads = [_gradient(generator, matrix_rank=1) for _ in range(2)]
+    poisoned = [torch.full(shape, float("nan")) for shape in SHAPES]
+    timeouts = dict(sender_timeout=30.0, reducer_timeout=60.0, allreduce_timeout=15.0)
+    [ended] = _rounds([[*grads, poisoned]], rank=2, reduces=[True, True, True], timeouts=timeouts)
+    for peer in ended[:2]:
+        assert peer is not None, "an honest peer's round failed"
+        assert all(bool(torch.isfinite(tensor).all()) for tensor in peer)
+    assert ended[2] is not None, "the poisoned peer's own round hung"
 
 
 def test_powersgd_is_for_synchronous_mode():

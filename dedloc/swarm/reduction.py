@@ -15,22 +15,27 @@ claims. :class:`CheckedPartReducer` instead
   :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result
   (and how much weight it carries).
 
-Averagers take it in with :class:`CheckedReduction`.
+A sender banned in one all-reduce of a round is left out of the round's later all-reduces
+(PowerSGD's two phases) by :class:`CheckedAllReduceRunner`. Averagers take it in with :class:`CheckedReduction`.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import math
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, AsyncIterator, Collection, Literal, Optional, Sequence
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import hagenbach_bishoff
 from hivemind.averaging.partition import AllreduceException, TensorPartReducer
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.asyncio import achain, anext, as_aiter, azip
 
 from dedloc.faults import fault_active
 
@@ -40,6 +45,8 @@ Aggregation = Literal["mean", "centered_clip"]
 CLIP_ITERATIONS = 20
 DEFAULT_UPLOAD_MBPS = 20.0
 """The upload bandwidth (Mbit/s) counted for a reducing member that announced none: a home uplink."""
+ENDED_ROUNDS_KEPT = 16
+"""How many of its latest rounds an averager remembers as ended (a part for one is answered at once)."""
 SHARE_SPREAD = 4.0
 """No reducer's bandwidth counts for more than this many times the group's median, nor less than its
 inverse: a volunteer claiming a fast uplink reduces a bounded share, never the whole vector."""
@@ -235,7 +242,8 @@ class CheckedAllReduceRunner(AllReduceRunner):
     """hivemind's all-reduce runner with a :class:`CheckedPartReducer` in place of its own."""
 
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
-                 clip_tau: Optional[float] = None, weight_bounds: Optional[dict] = None, **kwargs):
+                 clip_tau: Optional[float] = None, weight_bounds: Optional[dict] = None,
+                 left_out: Collection[PeerID] = (), **kwargs):
         super().__init__(*args, **kwargs)
         # hivemind's own reducer, replaced before it saw any part, would warn "Reducer: received 0.0% of
         # input tensors" when garbage-collected (its __del__ finalizes it): marked finished, it stays quiet
@@ -249,6 +257,33 @@ class CheckedAllReduceRunner(AllReduceRunner):
             tau=clip_tau,
             sender_bounds=[(weight_bounds or {}).get(peer_id) for peer_id in self.sender_peer_ids],
         )
+        # members this peer banned in an earlier all-reduce of the same round (PowerSGD's P phase before
+        # its Q phase): neither waited for as senders nor sent parts to as reducers — a member whose P
+        # factors were refused fails its own round and never joins the Q phase, and the others would wait
+        # for it until the sender and reducer timeouts
+        self.left_out = frozenset(p for p in left_out if p != self.peer_id and p in self.ordered_peer_ids)
+        for peer_id in self.left_out & set(self.sender_peer_ids):
+            self.banned_senders.add(peer_id)
+            self.active_senders.add(peer_id)  # nobody waits for its first part either
+            self.tensor_part_reducer.on_sender_failed(self.sender_peer_ids.index(peer_id))
+        if len(self.active_senders) == len(self.sender_peer_ids):
+            self.all_senders_started.set()
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        if peer_id in self.left_out:  # its share of the vector stays as this peer's own
+            self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(peer_id))
+            return
+        try:
+            await super()._communicate_with_peer(peer_id)
+        except RejectedPart:
+            if peer_id != self.peer_id:
+                raise
+            # this peer's own part failed its own reducer's checks. hivemind's runner would leave the task
+            # failed and the reducer waiting for that part: the others' averages of this span, and this
+            # peer's round, would hang until their timeouts. The reducer finishes without it instead, and
+            # this peer keeps its own values for the span
+            await self._ban_sender(self.peer_id)
+            self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(peer_id))
 
 
 class CheckedReduction:
@@ -262,6 +297,8 @@ class CheckedReduction:
                  clip_tau: Optional[float] = None, weight_bound=None, **kwargs):
         self.aggregation, self.max_weight, self.clip_tau = aggregation, max_weight, clip_tau
         self.weight_bound = weight_bound
+        self._banned_in_round: tuple[bytes, frozenset] = (b"", frozenset())  # (round's group id, senders banned)
+        self._ended_rounds: collections.deque = collections.deque(maxlen=ENDED_ROUNDS_KEPT)  # their group ids
         # the attack benchmark's baseline: hivemind's own reducer (any part, any weight, the mean)
         self.unchecked = fault_active("defences-off")
         super().__init__(*args, **kwargs)
@@ -270,6 +307,27 @@ class CheckedReduction:
         if self.weight_bound is not None and not self.unchecked:
             self.weight_bound.start(self.dht)  # the senders' records are read while the group forms
         return await super()._step(**kwargs)
+
+    @contextlib.contextmanager
+    def _register_allreduce_group(self, group_info: GroupInfo):
+        try:
+            with super()._register_allreduce_group(group_info):
+                yield
+        finally:
+            self._ended_rounds.append(group_info.group_id)
+
+    # hivemind registers rpc_* methods by their annotations
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        request = await anext(stream)
+        if any(request.group_id.startswith(ended) for ended in self._ended_rounds):
+            # hivemind 1.1.12 makes a part for a group it does not run wait until the next group of this
+            # averager registers — after a round that failed here, while the caller's reducer timeout runs
+            # out. A round that already ended here is answered at once: the caller finishes without us
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        async for message in super().rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: Optional[bytes] = None, **kwargs):
@@ -295,6 +353,11 @@ class CheckedReduction:
         # hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_, building dedloc's runner: the
         # runner's reducer has no other hook
         group_id = group_info.group_id if group_id is None else group_id
+        round_id, banned = self._banned_in_round
+        left_out = banned if round_id == group_info.group_id else frozenset()
+        if left_out:
+            logger.info(f"left {len(left_out)} member(s) of {self.prefix}'s round out of its next all-reduce: their "
+                        f"parts were refused in the one before ({', '.join(sorted(map(str, left_out)))})")
         runner = CheckedAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -305,16 +368,20 @@ class CheckedReduction:
             aggregation=self.aggregation,
             max_weight=self.max_weight,
             clip_tau=self.clip_tau,
+            left_out=left_out,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
-        else:
-            async for _ in runner:
-                raise ValueError("auxiliary peers receive no averaged tensors")
+        try:
+            if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+                async for tensor, update in azip(as_aiter(*tensors), runner):
+                    tensor.add_(update, alpha=self._averaging_alpha)
+                    self.last_updated = get_dht_time()
+                    self._state_updated.set()
+            else:
+                async for _ in runner:
+                    raise ValueError("auxiliary peers receive no averaged tensors")
+        finally:
+            self._banned_in_round = (group_info.group_id, frozenset(left_out | runner.banned_senders))
 
