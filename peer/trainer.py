@@ -41,7 +41,7 @@ from dedloc.swarm.records import (
     publish_metrics,
 )
 from dedloc.task.build import PeerTask
-from dedloc.task.device import ComputePlan, describe_device
+from dedloc.task.device import ComputePlan, describe_device, parameters_finite
 from dedloc.task.model import parameter_fingerprint, parameter_sketch, sketch_distance
 
 from .progress_view import PeerProgress, ProgressView
@@ -56,6 +56,8 @@ FINAL_MATCH_TOLERANCE = 1e-6  # relative L2 from the final checkpoint, with loss
 FINAL_MATCH_TOLERANCE_LOSSY = 2e-3  # ... with fp16 or 8-bit state averaging
 FINAL_MATCH_ATTEMPTS = 2  # the first download may find a peer's state before the checkpoint's is offered
 FINAL_SYNC_ROUNDS = 3  # rounds tried at the end while some peer leaves them half-done
+NONFINITE_LOGGED = 3  # dropped micro-batches logged one by one; after that every 100th
+RECOVERY_MAX_DELAY = 60.0  # seconds between tries to download a finite state, at most
 # hivemind estimates the time to the next step from its samples/s, which starts near zero: such an
 # estimate (years) is shown as unknown
 MAX_ETA = 24 * 3600.0
@@ -196,6 +198,8 @@ class PeerTrainer:
         self.samples_contributed = 0
         self.nonfinite_batches = 0  # micro-batches whose gradients were NaN or infinite (dropped)
         self._nan_fault = fault_active("nan-micro-batch")  # tests: this peer's third micro-batch gives a NaN loss
+        self._nan_parameters_fault = fault_active("nan-parameters")  # tests: its parameters turn NaN at step 2
+        self._recovery_delay = 1.0  # seconds before the next try to download a finite state
         self.last_loss: Optional[float] = None
         self._last_publish = 0.0
         self._publish_lock = threading.Lock()
@@ -395,6 +399,10 @@ class PeerTrainer:
                 self.hold_while_paused()
                 stats, epoch = StepStats(), opt.local_epoch
                 continue
+            if self._nan_parameters_fault and opt.local_epoch >= 2 and len(stats.losses) == 1:
+                self._nan_parameters_fault = False
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
             batch = self.compute.to_device(next(batches))
             with self.compute.autocast():
                 loss = model(**batch).loss
@@ -402,9 +410,7 @@ class PeerTrainer:
                 self._nan_fault, loss = False, loss * float("nan")
             opt.last_step = self.stop_at()
             if not self.compute.backward_and_step(loss, opt):
-                self.nonfinite_batches += 1
-                logger.warning(f"a micro-batch gave NaN or infinite gradients (loss {float(loss.detach()):.4g}): "
-                               f"dropped, not sent to the swarm ({self.nonfinite_batches} so far)")
+                self.drop_nonfinite_batch(loss)
                 continue
             stats.losses.append(float(loss.detach()))
             opt.zero_grad(set_to_none=False)
@@ -479,6 +485,42 @@ class PeerTrainer:
             "(gradients accumulated before the outage are dropped)"
         )
         self.catch_up(swarm_step)
+
+    def drop_nonfinite_batch(self, loss: torch.Tensor) -> None:
+        """A micro-batch's gradients came out NaN or infinite, and it was dropped (not sent, not counted).
+        Logged one by one at first, then every 100th. When what is not finite is this peer's own
+        parameters, no later micro-batch can be any better: it downloads the swarm's state instead."""
+        self.nonfinite_batches += 1
+        if not parameters_finite(self.task.model):
+            self.recover_parameters()
+        elif self.nonfinite_batches <= NONFINITE_LOGGED or self.nonfinite_batches % 100 == 0:
+            logger.warning(f"a micro-batch gave NaN or infinite gradients (loss {float(loss.detach()):.4g}): "
+                           f"dropped, not sent to the swarm ({self.nonfinite_batches} so far)")
+
+    def recover_parameters(self) -> None:
+        """This peer's parameters are NaN or infinite: it stops serving its state and downloads the
+        swarm's. When no peer serves a finite one, it waits (a delay that doubles up to
+        ``RECOVERY_MAX_DELAY``) and returns: the next micro-batch, NaN again, brings it back here."""
+        servers = self.state_servers()
+        for averager in servers:
+            averager.allow_state_sharing = False
+        logger.warning(f"this peer's parameters are NaN or infinite (step {self.opt.local_epoch}): it stops "
+                       "serving its state and downloads the swarm's")
+        started = time.monotonic()
+        try:
+            self.opt.load_state_from_peers()
+        except Exception as e:  # hivemind raises timeouts and connection errors here
+            logger.warning(f"downloading the swarm's state failed ({e!r})")
+        if parameters_finite(self.task.model):
+            for averager in servers:
+                averager.allow_state_sharing = True
+            self._recovery_delay = 1.0
+            logger.info(f"a finite state downloaded in {time.monotonic() - started:.1f} s (step "
+                        f"{self.opt.local_epoch}): training on")
+            return
+        logger.warning(f"no peer served a finite state; trying again in {self._recovery_delay:.0f} s")
+        self.stop.wait(self._recovery_delay)
+        self._recovery_delay = min(2 * self._recovery_delay, RECOVERY_MAX_DELAY)
 
     def state_servers(self) -> list:
         """The optimizer's averagers that serve state: the state averager, and the gradient averager

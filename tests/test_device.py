@@ -116,12 +116,13 @@ def test_fp16_loss_scaling_steps_and_skips_overflowing_steps():
     assert plan.scaler is not None and plan.peak_memory_mib() is None
     model, optimizer, loss = _loss_and_model()
     before = model.weight.detach().clone()
-    plan.backward_and_step(loss, optimizer)
+    assert plan.backward_and_step(loss, optimizer)
     assert not torch.equal(model.weight, before)
 
     model, optimizer, loss = _loss_and_model()
     before = model.weight.detach().clone()
-    plan.backward_and_step(loss * float("inf"), optimizer)  # gradients overflowed, as they can in fp16
+    # gradients overflowed, as they can in fp16: the step is skipped, and the caller told so
+    assert not plan.backward_and_step(loss * float("inf"), optimizer)
     assert torch.equal(model.weight, before), "a step on overflowed gradients was taken"
 
 

@@ -44,14 +44,16 @@ def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
     join = join_addresses(coordinator_dir, coordinator)
     peers = []
     # in synchronous mode, one micro-batch of peer-2 gives a NaN loss (fault point): the peer drops it
-    # instead of sending NaN gradients, which every reducer would refuse, leaving it to step alone on them
+    # instead of sending NaN gradients, which every reducer would refuse, leaving it to step alone on them;
+    # and peer-1's parameters turn NaN at step 2 (fault point): it downloads peer-2's state and trains on
     nan_batch = overrides.get("mode") != "diloco" and not overrides["averaging"].get("delayed_updates")
+    faults = {1: ("nan-parameters",), 2: ("nan-micro-batch",)} if nan_batch else {}
     for index in (1, 2):
         peer_dir = tmp_path / f"peer-{index}"
         peers.append(
             procs.dedloc(
                 "peer", "--join", *join, "--workdir", str(peer_dir), "--snapshot-dir", str(peer_dir / "final"),
-                name=f"peer-{index}", faults=("nan-micro-batch",) if nan_batch and index == 2 else (),
+                name=f"peer-{index}", faults=faults.get(index, ()),
             )
         )
 
@@ -66,7 +68,12 @@ def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
     if nan_batch:
         log = peers[1].log_path.read_text()
         assert "fault injected: nan-micro-batch" in log and "gave NaN or infinite gradients" in log, peers[1].log_tail(30)
-        assert "rejected a part" not in peers[0].log_path.read_text()  # nothing non-finite reached a reducer
+        # nothing non-finite of peer-2's reached a reducer (peer-1's NaN parameters may have met a state round)
+        peer_2_id = re.search(r"joined the swarm as (\w+)", log).group(1)
+        assert f"rejected a part from {peer_2_id}" not in peers[0].log_path.read_text()
+        log = peers[0].log_path.read_text()
+        assert "fault injected: nan-parameters" in log and "parameters are NaN or infinite" in log, peers[0].log_tail(30)
+        assert "a finite state downloaded" in log, peers[0].log_tail(30)
     if overrides.get("mode") == "diloco":
         overlapped = 0
         for peer in peers:  # an outer step at each of the 6 global steps

@@ -242,7 +242,8 @@ class ComputePlan:
         """``loss.backward()`` then ``optimizer.step()``, with loss scaling in fp16. Returns False when the
         gradients came out NaN or infinite (an overflow, a bad batch): they are zeroed and the optimizer
         does not see them — sent to the swarm, they would be refused by every reducer and leave this
-        peer stepping alone on them. In fp16 the loss scaler does that itself (and lowers its scale)."""
+        peer stepping alone on them. In fp16 the loss scaler skips such a step itself (and lowers its
+        scale); False is returned then too."""
         if self.scaler is None:
             loss.backward()
             if not gradients_finite(optimizer):
@@ -250,10 +251,11 @@ class ComputePlan:
                 return False
             optimizer.step()
             return True
+        scale = self.scaler.get_scale()
         self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return True
+        return self.scaler.get_scale() >= scale  # the scaler lowers its scale exactly when it skipped the step
 
     def peak_memory_mib(self) -> Optional[float]:
         """Peak memory allocated on a CUDA device so far, MiB (None elsewhere)."""
@@ -266,6 +268,12 @@ def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every gradient of ``optimizer``'s parameters is finite (one device sync for all of them)."""
     sums = [param.grad.float().sum() for group in optimizer.param_groups for param in group["params"]
             if param.grad is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+
+
+def parameters_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite (one device sync for all of them)."""
+    sums = [param.detach().float().sum() for param in model.parameters()]
     return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
