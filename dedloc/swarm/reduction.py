@@ -15,8 +15,10 @@ claims. :class:`CheckedPartReducer` instead
   :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result
   (and how much weight it carries).
 
-A sender banned in one all-reduce of a round is left out of the round's later all-reduces
-(PowerSGD's two phases) by :class:`CheckedAllReduceRunner`. Averagers take it in with :class:`CheckedReduction`.
+:class:`CheckedAllReduceRunner` also keeps a refused member from holding up a round: a sender banned
+in one all-reduce of a round is left out of the round's later ones (PowerSGD's two phases), and a
+reducer finishes its share without its own refused part. Averagers take it in with
+:class:`CheckedReduction`, which also answers a part for a round that already ended at once.
 """
 
 from __future__ import annotations

@@ -264,17 +264,22 @@ class ComputePlan:
         return torch.cuda.max_memory_allocated(self.device) / 2**20
 
 
-def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient of ``optimizer``'s parameters is finite (one device sync for all of them)."""
-    sums = [param.grad.float().sum() for group in optimizer.param_groups for param in group["params"]
-            if param.grad is not None]
+def _all_finite(tensors) -> bool:
+    """Whether every value of ``tensors`` is finite: one device sync for all of them (a NaN or an
+    infinity anywhere makes its tensor's sum non-finite)."""
+    sums = [tensor.detach().float().sum() for tensor in tensors]
     return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient of ``optimizer``'s parameters is finite."""
+    return _all_finite(param.grad for group in optimizer.param_groups for param in group["params"]
+                       if param.grad is not None)
 
 
 def parameters_finite(model: torch.nn.Module) -> bool:
-    """Whether every parameter of ``model`` is finite (one device sync for all of them)."""
-    sums = [param.detach().float().sum() for param in model.parameters()]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+    """Whether every parameter of ``model`` is finite."""
+    return _all_finite(model.parameters())
 
 
 def search_micro_batch(model: torch.nn.Module, sample: dict, device: torch.device, precision: Precision,
