@@ -7,6 +7,7 @@ Exit codes: 0 ok; 2 the user's input is wrong; 3 the swarm or coordinator cannot
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -356,6 +357,9 @@ def _edit_allowlist(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    # a native crash (e.g. in torch or hivemind's threads) prints every thread's Python stack to stderr
+    # before the process dies, so the log says where it happened
+    faulthandler.enable()
     args = parse_args(argv)
     try:
         code = _run(args)

@@ -1,4 +1,4 @@
-"""The chaos soak's short version, as CI runs it: 4 peers on 20 Mbit/s links, 2 minutes of random
+"""The chaos soak's short version, as CI runs it: 4 peers on 20 Mbit/s links, 90 s of random
 power-offs, crashes and cut links (``python -m bench.chaos``). Needs root for the lab's namespaces;
 skipped with the reason elsewhere."""
 
@@ -21,7 +21,7 @@ MAX_DIVERGENCE = 0.05
 @pytest.mark.timeout(900)
 def test_chaos_soak_short(tmp_path):
     out = tmp_path / "chaos"
-    run_lab_bench("chaos", ["--peers", "4", "--minutes", "2", "--fault-every", "20",
+    run_lab_bench("chaos", ["--peers", "4", "--minutes", "1.5", "--fault-every", "15",
          "--no-baseline", "--out", str(out), "--max-divergence", str(MAX_DIVERGENCE)], timeout=840)
     [result] = json.loads((out / "chaos.json").read_text())
     assert len(result["faults"]) >= 3, result["faults"]

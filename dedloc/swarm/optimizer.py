@@ -253,7 +253,22 @@ class PowerSGDReportingAverager(ReportingGradientAverager, PowerSGDGradientAvera
         return group_info.group_id + AllReducePhases.PHASE_Q.name.encode()
 
 
-class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, TrainingStateAverager):
+class ClosesStepExecutor:
+    """Shuts the state averager's step executor down with the averager.
+
+    hivemind 1.1.12's ``TrainingStateAverager.shutdown`` leaves its ``step_executor`` running (no
+    upstream issue found); its idle worker is a non-daemon thread, so a process that waits for its
+    threads before exiting (``dedloc.cli``) waited out its whole grace period — 10 s at every exit.
+    """
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        finally:
+            self.step_executor.shutdown(wait=False)
+
+
+class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, ClosesStepExecutor, TrainingStateAverager):
     """hivemind's state averager, noticing rounds that were left half-done.
 
     When a peer vanishes in the middle of an all-reduce, hivemind (1.1.12,
@@ -868,7 +883,7 @@ def build_optimizer(
     return optimizer
 
 
-class _ReaderStateAverager(AdmittedPeersOnly, TrainingStateAverager):
+class _ReaderStateAverager(AdmittedPeersOnly, ClosesStepExecutor, TrainingStateAverager):
     """The reader's averager: serves state downloads to the run's members only (hivemind's handler names)."""
 
     @classmethod
