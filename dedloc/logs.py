@@ -49,7 +49,12 @@ class _KnownHivemindNoise(logging.Filter):
       (which deals with it as with any failed round), and asyncio later reports the cancelled
       round's future as never retrieved. It is shown as one warning line;
     - an averaging RPC refused to a peer without access (``NotAdmitted``), logged once per peer by
-      :mod:`dedloc.swarm.access`; hivemind's P2P logs the handler's exception each time.
+      :mod:`dedloc.swarm.access`; hivemind's P2P logs the handler's exception each time;
+    - a stream of an averaging round reset by the other peer (its round ended early, e.g. a part that
+      came too late): the round ends half-done and is dealt with as any such round, but hivemind's
+      stream reader (``amap_in_executor``) leaves the ConnectionResetError in a future nobody reads,
+      and its reader task pending; asyncio reports both when they are collected. It is shown as one
+      warning line.
     Everything else hivemind logs is shown as it is.
     """
 
@@ -58,7 +63,12 @@ class _KnownHivemindNoise(logging.Filter):
         self.show = show
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.show or not isinstance(record.exc_info, tuple) or record.exc_info[1] is None:
+        if self.show:
+            return True
+        if record.name == "asyncio" and not record.exc_info and "amap_in_executor" in record.getMessage() \
+                and "Task was destroyed but it is pending" in record.getMessage():
+            return False  # the reader task of a reset averaging stream (below)
+        if not isinstance(record.exc_info, tuple) or record.exc_info[1] is None:
             return True
         error, trace = record.exc_info[1], record.exc_info[2]
         frames = []
@@ -78,6 +88,13 @@ class _KnownHivemindNoise(logging.Filter):
             return True
         if record.name == "asyncio" and isinstance(error, asyncio.CancelledError):
             return False  # a cancelled round's future that nobody awaited (above)
+        if record.name == "asyncio" and isinstance(error, ConnectionError) \
+                and any("hivemind" in f and f.endswith(("p2p_daemon.py", "asyncio.py")) for f in frames):
+            record.msg, record.args = (f"hivemind: an averaging stream was reset by the other peer "
+                                       f"({type(error).__name__}: {error}); its round ends without that part"), ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            return True
         if record.name.startswith("hivemind.dht") and any(f.endswith("resource_sharer.py") for f in frames):
             return False
         if record.name == "asyncio" and type(error).__name__ == "InvalidStateError" and "CANCELLED" in str(error):

@@ -193,3 +193,45 @@ def test_swarm_rate_counts_only_other_peers_online():
     assert swarm_samples_per_second(records, now=1000.0) == 12.5
     assert swarm_samples_per_second(records, now=1000.0, exclude="a") == 2.5
     assert swarm_samples_per_second([], now=1000.0) == 0.0
+
+
+def test_a_reset_averaging_stream_is_one_warning_line(setup_logging, capsys):
+    """A round's stream reset by the other peer: asyncio reports the ConnectionResetError left in a
+    future by hivemind's stream reader, and the reader task left pending — one warning line in all.
+    The same error from outside hivemind, and other pending tasks, are shown as they are."""
+    import asyncio
+    import gc
+
+    from hivemind.utils.asyncio import aiter_with_timeout
+
+    setup_logging()
+    capsys.readouterr()
+
+    async def orphan_the_error(from_hivemind: bool) -> None:
+        async def reset():
+            raise ConnectionResetError(104, "Connection reset by peer")
+            yield  # an async generator, as hivemind's stream reader is
+
+        try:
+            if from_hivemind:
+                async for _ in aiter_with_timeout(reset(), 1.0):
+                    pass
+            else:
+                async for _ in reset():
+                    pass
+        except ConnectionResetError as e:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(e)  # nobody retrieves it: asyncio reports it when it is collected
+            del future
+            gc.collect()
+
+    asyncio.run(orphan_the_error(from_hivemind=True))
+    asyncio.run(orphan_the_error(from_hivemind=False))
+    asyncio_log = logging.getLogger("asyncio")
+    for coroutine in ("amap_in_executor.<locals>._put_items()", "something_else()"):
+        asyncio_log.error(f"Task was destroyed but it is pending!\ntask: <Task pending name='Task-1' coro=<{coroutine} running>>")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "averaging stream was reset" in line]
+    assert len(lines) == 1 and "WARN" in lines[0] and "ConnectionResetError" in lines[0], err
+    assert err.count("Traceback") == 1 and err.count("never retrieved") == 1, err  # the one from outside hivemind
+    assert "_put_items" not in err and "something_else" in err, err
