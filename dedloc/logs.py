@@ -76,25 +76,16 @@ class _KnownHivemindNoise(logging.Filter):
             frames.append(trace.tb_frame.f_code.co_filename)
             trace = trace.tb_next
         if record.name.startswith("hivemind.") and "could not find a group" in str(error):
-            record.msg, record.args = str(error), ()
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-            return True
+            return _as_warning_line(record, str(error))
         if record.name.startswith("hivemind.") and "Unable to run All-Reduce" in str(error) \
                 and isinstance(error.__context__, asyncio.CancelledError):
-            record.msg, record.args = f"{str(error).rstrip(': ')}: the round was cancelled (it outlived its timeout)", ()
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-            return True
+            return _as_warning_line(record, f"{str(error).rstrip(': ')}: the round was cancelled (it outlived its timeout)")
         if record.name == "asyncio" and isinstance(error, asyncio.CancelledError):
             return False  # a cancelled round's future that nobody awaited (above)
         if record.name == "asyncio" and isinstance(error, ConnectionError) \
                 and any("hivemind" in f and f.endswith(("p2p_daemon.py", "asyncio.py")) for f in frames):
-            record.msg, record.args = (f"hivemind: an averaging stream was reset by the other peer "
-                                       f"({type(error).__name__}: {error}); its round ends without that part"), ()
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-            return True
+            return _as_warning_line(record, f"hivemind: an averaging stream was reset by the other peer "
+                                            f"({type(error).__name__}: {error}); its round ends without that part")
         if record.name.startswith("hivemind.dht") and any(f.endswith("resource_sharer.py") for f in frames):
             return False
         if record.name == "asyncio" and type(error).__name__ == "InvalidStateError" and "CANCELLED" in str(error):
@@ -102,6 +93,14 @@ class _KnownHivemindNoise(logging.Filter):
         if record.name.startswith("hivemind.") and type(error).__name__ == "NotAdmitted":
             return False  # a refused intruder: dedloc.swarm.access logged it once, in one line
         return True
+
+
+def _as_warning_line(record: logging.LogRecord, message: str) -> bool:
+    """Rewrites ``record`` in place as one warning line saying ``message``, without its traceback."""
+    record.msg, record.args = message, ()
+    record.exc_info, record.exc_text = None, None
+    record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+    return True
 
 
 _handler: Optional[logging.Handler] = None
