@@ -42,7 +42,8 @@ from bench.throughput import read_jsonl, sent_bytes
 from dedloc.lab.network import LabUnavailable, Network
 from dedloc.lifecycle import ChildProcess, stop_all
 
-SYSTEMS = ("dedloc", "gloo")
+SYSTEMS = ("dedloc", "dedloc-measured", "gloo")
+DEFAULT_SYSTEMS = ("dedloc", "gloo")
 COMPRESSIONS = ("none", "fp16")
 BYTES_PER_NUMBER = {"none": 4, "fp16": 2}
 PREFIX = "allreduce-bench"
@@ -68,12 +69,32 @@ def _barrier(rendezvous: Path, name: str, rank: int, world: int, timeout: float 
         time.sleep(0.05)
 
 
+def run_desk_worker(address: str, rendezvous: Path) -> None:
+    """The coordinator's part in ``dedloc-measured``: a DHT node serving the upload probe, until stopped."""
+    import hivemind
+
+    dht = hivemind.DHT(host_maddrs=[f"/ip4/{address}/tcp/0"], nat_port_map=False, auto_nat=False, start=True)
+    dht.run_coroutine(_serve_probe, return_future=True).result(30)
+    (rendezvous / "desk-id").write_text(dht.peer_id.to_base58())
+    _rendezvous_peers(rendezvous, 0, [str(maddr) for maddr in dht.get_visible_maddrs()])
+    while True:
+        time.sleep(3600)
+
+
+async def _serve_probe(dht, node) -> None:
+    from dedloc.swarm.bandwidth import ProbeDesk, serve_upload_probe
+
+    await serve_upload_probe(node.p2p, ProbeDesk())
+
+
 def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, params: int, compression: str,
-                      rounds: int, results: Path) -> None:
+                      rounds: int, results: Path, measure_upload: bool = False) -> None:
     import hivemind
     import torch
     from hivemind.averaging.control import AveragingStage
+    from hivemind.p2p import PeerID
 
+    from dedloc.swarm.bandwidth import UploadMeasurement
     from dedloc.swarm.optimizer import ReducerShares, make_compression
     from dedloc.swarm.reduction import CheckedReduction
 
@@ -82,7 +103,9 @@ def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, par
 
     # probing the local network (UPnP/NAT-PMP, AutoNAT) is off, as everywhere in dedloc's tests and benches
     network = dict(host_maddrs=[f"/ip4/{address}/tcp/0"], nat_port_map=False, auto_nat=False)
-    if rank == 0:
+    if measure_upload:  # the desk started the DHT
+        dht = hivemind.DHT(initial_peers=_rendezvous_peers(rendezvous, 1, []), start=True, **network)
+    elif rank == 0:
         dht = hivemind.DHT(start=True, **network)
         _rendezvous_peers(rendezvous, 0, [str(maddr) for maddr in dht.get_visible_maddrs()])
     else:
@@ -93,6 +116,14 @@ def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, par
         request_timeout=5.0, compression=make_compression(compression), sender_timeout=60.0,
         reducer_timeout=120.0, allreduce_timeout=ROUND_TIMEOUT, start=True,
     )
+    announced = None
+    if measure_upload:  # as a peer does when it joins: measured against the coordinator, then announced
+        upload = UploadMeasurement(dht, PeerID.from_base58((rendezvous / "desk-id").read_text()))
+        upload.run()
+        if upload.mbps is not None:
+            averager.set_upload_mbps(upload.mbps)
+            averager.announce(reduces=True)
+            announced = upload.mbps
     try:
         for index in range(rounds + 1):  # round 0: warm-up (connections), not counted
             _barrier(rendezvous, f"round-{index}", rank, world)
@@ -108,7 +139,7 @@ def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, par
             except Exception as e:  # recorded: the parent reports failed rounds
                 size, error = 0, repr(e)[:300]
             _record(results, dict(rank=rank, round=index, began=began, grouped=grouped, done=time.time(),
-                                  group_size=size, error=error))
+                                  group_size=size, error=error, announced_mbps=announced))
         _barrier(rendezvous, "finished", rank, world)
     finally:
         averager.shutdown()
@@ -151,6 +182,10 @@ class Measurement:
     """Mean over the peers of what each sent, per round (warm-up included in neither)."""
     failed_rounds: int = 0
     error: Optional[str] = None
+    uplinks_mbit: list[float] = field(default_factory=list)
+    """Each peer's shaped uplink, in rank order."""
+    announced_mbps: list[Optional[float]] = field(default_factory=list)
+    """The upload bandwidth each peer announced (``dedloc-measured``: its measurement), in rank order."""
 
 
 def bound_bytes(peers: int, params: int, compression: str) -> float:
@@ -158,21 +193,51 @@ def bound_bytes(peers: int, params: int, compression: str) -> float:
     return 2 * (peers - 1) / peers * params * BYTES_PER_NUMBER[compression]
 
 
-def bound_seconds(peers: int, params: int, compression: str, up_mbit: float) -> float:
-    return bound_bytes(peers, params, compression) * 8 / (up_mbit * 1e6)
+def bound_seconds(peers: int, params: int, compression: str, uplinks_mbit: list[float]) -> float:
+    """The fastest all-reduce the uplinks allow when each peer reduces a share: peer i sends the others'
+    shares of its vector and its reduced share to the n−1 others, (M + (n−2)·s_i)·b bytes, so the
+    shares are chosen to even out those uploads (equal links: 2(n−1)/n·M·b / uplink)."""
+    total = params * BYTES_PER_NUMBER[compression] * 8 / 1e6  # Mbit
+    rates = uplinks_mbit[:peers]
+
+    def shares_fit(seconds: float) -> bool:  # can the shares (each ≥ 0, summing to M) finish in `seconds`?
+        if peers == 2:
+            return all(total <= seconds * rate for rate in rates)
+        room = [(seconds * rate - total) / (peers - 2) for rate in rates]
+        return min(room) >= 0 and sum(room) >= total
+
+    low, high = 0.0, total * 2 * peers / min(rates)
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (low, middle) if shares_fit(middle) else (middle, high)
+    return high
 
 
-def measure(system: str, peers: int, params: int, compression: str, rounds: int, up_mbit: float,
+def uplinks(peers: int, up_mbit: float, slow_peers: int, slow_up_mbit: Optional[float]) -> list[float]:
+    """Each rank's uplink: the last ``slow_peers`` ranks on ``slow_up_mbit``, the others on ``up_mbit``."""
+    slow = min(slow_peers, peers) if slow_up_mbit else 0
+    return [up_mbit] * (peers - slow) + [slow_up_mbit] * slow
+
+
+def measure(system: str, peers: int, params: int, compression: str, rounds: int, uplinks_mbit: list[float],
             down_mbit: float, workdir: Path) -> Measurement:
-    """One system at one peer count: ``rounds`` counted rounds after a warm-up round."""
-    result = Measurement(system, peers, compression if system == "dedloc" else "none")
+    """One system at one peer count: ``rounds`` counted rounds after a warm-up round. ``dedloc-measured``
+    adds an unshaped host for the coordinator's upload probe, which every peer measures against first."""
+    result = Measurement(system, peers, compression if system.startswith("dedloc") else "none",
+                         uplinks_mbit=list(uplinks_mbit))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
     rows_path = workdir / "rounds.jsonl"
     with Network() as network:
-        hosts = [network.add_host(f"peer-{i + 1}", up_mbit, down_mbit) for i in range(peers)]
+        hosts = [network.add_host(f"peer-{i + 1}", up, down_mbit) for i, up in enumerate(uplinks_mbit)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         children = []
+        if system == "dedloc-measured":
+            desk = network.add_host("desk")
+            argv = [sys.executable, "-m", "bench.allreduce", "--worker", "desk", "--address", desk.address,
+                    "--rendezvous", str(workdir)]
+            children.append(ChildProcess(desk.name, desk.command(argv), workdir / "logs" / "desk.log", env=env,
+                                         cwd=Path(__file__).resolve().parent.parent))
         for rank, host in enumerate(hosts):
             argv = [sys.executable, "-m", "bench.allreduce", "--worker", system, "--rank", str(rank),
                     "--world", str(peers), "--address", host.address, "--master", hosts[0].address,
@@ -206,9 +271,11 @@ def measure(system: str, peers: int, params: int, compression: str, rounds: int,
             result.failed_rounds += 1
             continue
         result.allreduce_s.append(max(row["done"] for row in members) - max(row["grouped"] for row in members))
-        if system == "dedloc":
+        if system.startswith("dedloc"):
             result.matchmaking_s.append(max(row["grouped"] for row in members) - min(row["began"] for row in members))
     result.bytes_per_round = statistics.fmean(sent) / rounds
+    by_rank = {row["rank"]: row.get("announced_mbps") for row in rows}
+    result.announced_mbps = [by_rank.get(rank) for rank in range(peers)]
     return result
 
 
@@ -220,14 +287,14 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def table(measurements: list[Measurement], params: int, up_mbit: float) -> str:
-    lines = ["| system | peers | all-reduce s (median, min–max) | bound s | × bound | scaling vs bound | matchmaking s "
-             "| MB sent per peer per round | bound MB | failed rounds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def table(measurements: list[Measurement], params: int) -> str:
+    lines = ["| system | peers | uplinks Mbit/s | announced Mbit/s | all-reduce s (median, min–max) | bound s | × bound "
+             "| scaling vs bound | matchmaking s | MB sent per peer per round | bound MB | failed rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first: dict[str, float] = {}
     for m in measurements:
         median = _median(m.allreduce_s)
-        bound = bound_seconds(m.peers, params, m.compression, up_mbit)
+        bound = bound_seconds(m.peers, params, m.compression, m.uplinks_mbit)
         ratio = median / bound if median is not None else None
         scaling = None
         if median is not None:
@@ -237,7 +304,8 @@ def table(measurements: list[Measurement], params: int, up_mbit: float) -> str:
         spread = f" ({min(m.allreduce_s):.2f}–{max(m.allreduce_s):.2f})" if m.allreduce_s else ""
         sent = None if m.bytes_per_round is None else m.bytes_per_round / 1e6
         lines.append(
-            f"| {m.system} ({m.compression}) | {m.peers} | {_fmt(median)}{spread} | {_fmt(bound)} | {_fmt(ratio)} "
+            f"| {m.system} ({m.compression}) | {m.peers} | {','.join(f'{u:g}' for u in m.uplinks_mbit)} "
+            f"| {','.join(_fmt(a, 1) for a in m.announced_mbps) or '—'} | {_fmt(median)}{spread} | {_fmt(bound)} | {_fmt(ratio)} "
             f"| {_fmt(scaling)} | {_fmt(_median(m.matchmaking_s))} | {_fmt(sent)} "
             f"| {bound_bytes(m.peers, params, m.compression) / 1e6:.2f} | {m.failed_rounds}"
             + (f" — {m.error}" if m.error else "") + " |"
@@ -250,14 +318,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--peers", default="2,4,8", help="comma-separated peer counts")
     parser.add_argument("--up-mbit", type=float, default=20.0)
     parser.add_argument("--down-mbit", type=float, default=50.0)
+    parser.add_argument("--slow-peers", type=int, default=0, help="how many peers (the last ranks) have a slower uplink")
+    parser.add_argument("--slow-up-mbit", type=float, help="their uplink (Mbit/s)")
     parser.add_argument("--params", type=int, default=2_000_000, help="numbers averaged (default: the reference "
                         "workload's ~2 M parameters)")
     parser.add_argument("--compression", choices=COMPRESSIONS, default="none", help="dedloc's wire format (gloo: fp32)")
     parser.add_argument("--rounds", type=int, default=6, help="counted rounds (after one warm-up round)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"comma-separated, from: {', '.join(SYSTEMS)} (default: {','.join(DEFAULT_SYSTEMS)})")
     parser.add_argument("--out", type=Path, default=Path("allreduce-results"))
     # a worker's own arguments (the parent starts them)
-    parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*SYSTEMS, "desk"), help=argparse.SUPPRESS)
     for name in ("--rank", "--world"):
         parser.add_argument(name, type=int, help=argparse.SUPPRESS)
     for name in ("--address", "--master"):
@@ -266,9 +337,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument(name, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.worker == "dedloc":
+    if args.worker in ("dedloc", "dedloc-measured"):
         run_dedloc_worker(args.rank, args.world, args.address, args.rendezvous, args.params, args.compression,
-                          args.rounds, args.results)
+                          args.rounds, args.results, measure_upload=args.worker == "dedloc-measured")
+        return 0
+    if args.worker == "desk":
+        run_desk_worker(args.address, args.rendezvous)
         return 0
     if args.worker == "gloo":
         run_gloo_worker(args.rank, args.world, args.master, args.rendezvous, args.params, args.rounds, args.results)
@@ -280,9 +354,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--peers takes comma-separated numbers, not {args.peers!r}")
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = [name for name in systems if name not in SYSTEMS]
-    if unknown or not counts or min(counts) < 2 or args.rounds < 1 or args.params < 1 or args.up_mbit <= 0:
+    if unknown or not counts or min(counts) < 2 or args.rounds < 1 or args.params < 1 or args.up_mbit <= 0 \
+            or args.slow_peers < 0 or (args.slow_up_mbit is not None and args.slow_up_mbit <= 0):
         parser.error(f"unknown systems {unknown}" if unknown else
-                     "--peers must be ≥ 2 each, --rounds ≥ 1, --params ≥ 1, --up-mbit > 0")
+                     "--peers must be ≥ 2 each, --rounds ≥ 1, --params ≥ 1, --up-mbit and --slow-up-mbit > 0, "
+                     "--slow-peers ≥ 0")
     try:
         Network().close()  # fail early, with the reason, where namespaces cannot be made
     except LabUnavailable as e:
@@ -292,7 +368,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     measurements: list[Measurement] = []
     for system in systems:
         for peers in counts:
-            m = measure(system, peers, args.params, args.compression, args.rounds, args.up_mbit, args.down_mbit,
+            m = measure(system, peers, args.params, args.compression, args.rounds,
+                        uplinks(peers, args.up_mbit, args.slow_peers, args.slow_up_mbit), args.down_mbit,
                         args.out / f"{system}-{peers}")
             measurements.append(m)
             print(f"{system}, {peers} peers: all-reduce {_fmt(_median(m.allreduce_s))} s (median of "
@@ -300,7 +377,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             (args.out / "allreduce.json").write_text(json.dumps(
                 dict(params=args.params, up_mbit=args.up_mbit, down_mbit=args.down_mbit,
                      measurements=[asdict(x) for x in measurements]), indent=2) + "\n")
-    print(table(measurements, args.params, args.up_mbit))
+    print(table(measurements, args.params))
     return 1 if any(m.error or not m.allreduce_s for m in measurements) else 0
 
 

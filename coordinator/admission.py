@@ -9,7 +9,8 @@ so adding or revoking a volunteer takes effect at once, without a restart.
 Requests and answers are msgpack maps in the ``metadata`` of hivemind's ``ExpertRequest`` /
 ``ExpertResponse`` protobufs; nothing received is unpickled. A request may also ask the desk to dial
 the peer back (``"dial_back"``, see :mod:`dedloc.swarm.reachability`): the answer of an admitted peer
-then carries ``"reachable"``, the addresses at which the desk reached it.
+then carries ``"reachable"``, the addresses at which the desk reached it. The same process serves the
+upload probe (:mod:`dedloc.swarm.bandwidth`) to the peers the desk admits.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dedloc.errors import UserInputError
 from dedloc.swarm.access import (
     ACCESS_HANDLER, ALLOWLIST_HINT, CLOCK_TOLERANCE, clock_skew_message, mint_token, token_bytes,
 )
+from dedloc.swarm.bandwidth import ProbeDesk, serve_upload_probe
 from dedloc.swarm.identity import peer_id_of_public_key
 from dedloc.swarm.reachability import dial_back
 
@@ -50,6 +52,7 @@ class AccessDesk:
         self._allowlist: Optional[Allowlist] = None
         self._stamp: Optional[tuple] = None
         self._refused: set[str] = set()
+        self._granted: dict[PeerID, tuple[str, float]] = {}  # peer → (volunteer, token expiry)
 
     def allowlist(self) -> Optional[Allowlist]:
         """The allowlist, re-read when the file changed; a file that became unreadable or malformed
@@ -105,13 +108,27 @@ class AccessDesk:
             return dict(reply, error="refused", message=f"refused: {problem}; this peer is {ALLOWLIST_HINT} "
                                                         f"'{self.run_id}': {advice}")
         token = mint_token(authority, volunteer.name, holder, now + self.lifetime)
+        if len(self._granted) > 10_000:  # forget expired grants (peers with a new identity at every start)
+            self._granted = {peer: grant for peer, grant in self._granted.items() if grant[1] > now}
+        self._granted[remote_id] = (volunteer.name, now + self.lifetime)
         logger.info(f"access token for volunteer {volunteer.name!r} (peer {remote_id.to_base58()}) until "
                     f"{self.lifetime / 60:.0f} min from now")
         return dict(reply, token=token_bytes(token))
 
 
+    def admits(self, peer_id: PeerID) -> bool:
+        """Whether ``peer_id`` may use the coordinator's other services (the upload probe): always in an
+        open run; else while it holds a token this desk issued to a volunteer not revoked since."""
+        allowlist = self.allowlist()
+        if allowlist is None:
+            return True
+        name, expires_at = self._granted.get(peer_id, (None, 0.0))
+        return expires_at > get_dht_time() and any(v.name == name and not v.revoked for v in allowlist.volunteer)
+
+
 async def _serve(dht: hivemind.DHT, node, desk: AccessDesk) -> None:
-    """Runs inside the DHT process: register the desk's libp2p handler."""
+    """Runs inside the DHT process: register the desk's libp2p handler, and the upload probe
+    (:mod:`dedloc.swarm.bandwidth`) for the peers the desk admits."""
 
     async def handle(request: ExpertRequest, context: P2PContext) -> ExpertResponse:
         try:
@@ -129,6 +146,7 @@ async def _serve(dht: hivemind.DHT, node, desk: AccessDesk) -> None:
         return ExpertResponse(metadata=MSGPackSerializer.dumps(answer))
 
     await node.p2p.add_protobuf_handler(ACCESS_HANDLER, handle, ExpertRequest)
+    await serve_upload_probe(node.p2p, ProbeDesk(admitted=desk.admits))
 
 
 def serve_access(dht: hivemind.DHT, desk: AccessDesk, timeout: float = 10.0) -> None:

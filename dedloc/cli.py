@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument(
         "--upload-mbps", type=_upload_mbps, metavar="MBIT_PER_S",
         help="this machine's upload bandwidth (0.1-100000): the share of each all-reduce it reduces (and uploads) "
-             "follows it, within 4x of its group's median (default: as a typical home uplink, 20)",
+             "follows it, within 4x of its group's median (default: measured against the coordinator at join)",
     )
     peer.add_argument("--pause-when-busy", action="store_true",
                       help="pause contributing while another program uses the GPU heavily (≥ 512 MiB), resume once it "

@@ -27,6 +27,7 @@ from dedloc.lifecycle import GracefulExit, PauseSwitch, raise_open_files_limit
 from dedloc.logs import setup_logging
 from dedloc.swarm.access import AccessGrant, AccessRefused, Admission, SwarmAuthorizer, ask_the_desk
 from dedloc.swarm.addresses import parse_join_addresses
+from dedloc.swarm.bandwidth import UploadMeasurement
 from dedloc.swarm.identity import Identity
 from dedloc.swarm.join_url import expand_join
 from dedloc.swarm.node import NetworkOptions, start_dht
@@ -93,7 +94,8 @@ class PeerOptions:
     auxiliary: bool = False
     """Train nothing; help the swarm average (see :mod:`dedloc.peer.auxiliary`)."""
     upload_mbps: Optional[float] = None
-    """This machine's upload bandwidth (Mbit/s): the share of each all-reduce it reduces follows it."""
+    """This machine's upload bandwidth (Mbit/s): the share of each all-reduce it reduces follows it.
+    None: measured against the coordinator (see :mod:`dedloc.swarm.bandwidth`)."""
     cache_limit_mb: Optional[int] = None
     """Disk the data cache may use; older runs' data is deleted beyond it (see :mod:`dedloc.task.cache_limit`)."""
     log_level: str = "info"
@@ -158,7 +160,7 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     cache_dir = None if options.auxiliary else data_cache_dir(options)
     fault_pause("pause-before-join")  # a late joiner, started and stopped ahead, joins at once when resumed
     started = time.monotonic()
-    dht = keeper = None
+    dht = keeper = upload = None
     try:
         # the coordinator's desk says whether the run is open, or gives this peer a token (for its invite or
         # its identity), or says why not: a run with an allowlist refuses DHT requests without a token
@@ -216,6 +218,10 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
                                   on_refused=lambda reason: stop.request("access revoked"))
             keeper.publish()
             keeper.start()
+        if options.upload_mbps is None and not network.client_mode:
+            # measured while the run, the model and the data are set up; announced once known
+            upload = UploadMeasurement(dht, join.coordinator_id)
+            upload.start()
         logger.info(f"joined the swarm as {identity.peer_id.to_base58()}; fetching the run from the coordinator")
         manifest = wait_for_manifest(dht, join.coordinator_id, options.join_timeout, stop)
         config = manifest.config
@@ -229,7 +235,7 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
         dht.add_validators([metrics_validator(manifest.swarm_prefix)])
         if options.auxiliary:
             code = run_auxiliary(dht, manifest, join.coordinator_id, stop, verbose=options.log_level == "debug",
-                                 upload_mbps=options.upload_mbps)
+                                 upload_mbps=options.upload_mbps, upload=upload)
             if keeper is not None and keeper.refused:
                 raise AccessRefused(keeper.refused)
             return code
@@ -251,6 +257,8 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
             dht, config, manifest.swarm_prefix, task.model, micro_batch, verbose=options.log_level == "debug",
             upload_mbps=options.upload_mbps,
         )
+        if upload is not None:
+            upload.then(optimizer.set_upload_mbps)
         logger.info(
             f"ready to train after {time.monotonic() - started:.1f} s (process {os.getpid()}: `kill -USR1 {os.getpid()}` "
             f"pauses its contributions, `kill -USR2 {os.getpid()}` resumes them)"
@@ -298,6 +306,8 @@ def run_peer(options: PeerOptions, stop: Optional[GracefulExit] = None) -> int:
     finally:
         if keeper is not None:
             keeper.stop()
+        if upload is not None:
+            upload.stop()
         if dht is not None:
             dht.shutdown()
         identity.discard()
@@ -334,8 +344,9 @@ def check_auxiliary_options(options: PeerOptions) -> None:
 
 
 def run_auxiliary(dht, manifest: RunManifest, coordinator_id, stop: GracefulExit, verbose: bool = False,
-                  upload_mbps: Optional[float] = None) -> int:
-    """Help the swarm average until the run ends or a stop is requested (see :mod:`.auxiliary`)."""
+                  upload_mbps: Optional[float] = None, upload: Optional[UploadMeasurement] = None) -> int:
+    """Help the swarm average until the run ends or a stop is requested (see :mod:`.auxiliary`).
+    ``upload``: this peer's upload measurement, announced once known."""
     config = manifest.config
     if config.mode == "diloco":
         raise UserInputError("auxiliary peers help with the gradient all-reduce of synchronous runs; this run "
@@ -343,6 +354,8 @@ def run_auxiliary(dht, manifest: RunManifest, coordinator_id, stop: GracefulExit
     model = build_model(config.model, hf_tokenizer(config, manifest.tokenizer_json), seed=config.training.seed)
     optimizer = build_optimizer(dht, config, manifest.swarm_prefix, model, None, verbose=verbose, auxiliary=True,
                                 upload_mbps=upload_mbps)
+    if upload is not None:
+        upload.then(optimizer.set_upload_mbps)
     try:
         AuxiliaryHelper(dht, coordinator_id, optimizer, stop, config.training.total_steps).run()
     finally:

@@ -87,9 +87,11 @@ def test_the_access_desk_admits_invited_volunteers_and_says_why_it_refuses(tmp_p
         request = {**dict(invite=invite, public_key=key.get_public_key().to_bytes(), time=get_dht_time()), **fields}
         return desk.answer(request, remote)
 
+    assert not desk.admits(member_id)  # (the coordinator's other services, e.g. the upload probe)
     answer = ask()
     token = parse_token(answer["token"])
     assert token.username == "alice" and token_holder(token) == member_id
+    assert desk.admits(member_id) and not desk.admits(peer_id_of_public_key(RSAPrivateKey().get_public_key()))
     assert token_problem(token, authority.get_public_key()) is None
     assert "not on the allowlist" in ask(invite="dedloc-invite-wrong")["message"]
     assert "not on the allowlist" in ask(invite=None)["message"] and "--invite" in ask(invite=None)["message"]
@@ -102,8 +104,10 @@ def test_the_access_desk_admits_invited_volunteers_and_says_why_it_refuses(tmp_p
         read_access_answer(MSGPackSerializer.dumps(dict(answer, time=get_dht_time() + 120)), peer_id_of_public_key(authority.get_public_key()))
 
     revoke_volunteer(allowlist, "alice")  # the desk notices the changed file on the next request
+    assert not desk.admits(member_id)
     assert "revoked" in ask()["message"]
     assert AccessDesk(None, "run", 600).answer({}, member_id)["error"] == "open"
+    assert AccessDesk(None, "run", 600).admits(member_id)
 
 
 @pytest.mark.parametrize("text, problem", [

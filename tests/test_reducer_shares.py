@@ -105,3 +105,17 @@ def test_a_peer_keeps_its_upload_cap_between_rounds_it_sits_out():
     assert member.bandwidth == 0.0
     member.announce(reduces=True)
     assert member.bandwidth == 7.5
+
+
+def test_a_measured_upload_is_announced_from_the_next_round_on():
+    class Member(ReducerShares):
+        bandwidth = None  # none given: hivemind's "as the group's others"
+
+    member = Member()
+    member.announce(reduces=True)
+    assert member.bandwidth is None
+    member.set_upload_mbps(18.7)  # the measurement arrives while the peer trains
+    member.announce(reduces=False)
+    assert member.bandwidth == 0.0  # a round it sits out still announces no share
+    member.announce(reduces=True)
+    assert member.bandwidth == 18.7

@@ -65,6 +65,8 @@ def test_two_peers_train_together(tmp_path, procs, overrides, tolerance):
         assert "Traceback" not in child.log_path.read_text(), f"{child.name} logged a traceback"
     for peer in peers:  # the start-up figure the performance doc reports
         assert "first samples contributed" in peer.log_path.read_text(), peer.log_tail(30)
+        # each measured its upload to the coordinator (one probe at a time: one of them waited)
+        assert "upload measured: " in peer.log_path.read_text(), peer.log_tail(30)
     if nan_batch:
         log = peers[1].log_path.read_text()
         assert "fault injected: nan-micro-batch" in log and "gave NaN or infinite gradients" in log, peers[1].log_tail(30)

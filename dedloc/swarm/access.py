@@ -488,7 +488,7 @@ REFUSED_DRAIN_SECONDS = 2.0
 REFUSED_DRAIN_MESSAGES = 64
 
 
-async def _drain(stream: AsyncIterator, seconds: float, limit: int) -> None:
+async def drain_stream(stream: AsyncIterator, seconds: float, limit: int) -> None:
     """Read and drop up to ``limit`` messages of ``stream`` within ``seconds`` (errors ignored)."""
     async def read() -> None:
         count = 0
@@ -533,7 +533,7 @@ class AdmittedPeersOnly:
         except NotAdmitted:
             # a caller still writing its parts would see its stream broken (BrokenPipeError), not the
             # reason: take what it sends first (bounded), then answer with the refusal
-            await _drain(stream, REFUSED_DRAIN_SECONDS, REFUSED_DRAIN_MESSAGES)
+            await drain_stream(stream, REFUSED_DRAIN_SECONDS, REFUSED_DRAIN_MESSAGES)
             raise
         async for message in super().rpc_aggregate_part(stream, context):
             yield message

@@ -114,6 +114,11 @@ class ReducerShares:
             self._upload_mbps = self.bandwidth  # as configured; None: "as the group's others" (hivemind)
         self.bandwidth = self._upload_mbps if reduces else 0.0
 
+    def set_upload_mbps(self, mbps: float) -> None:
+        """The upload bandwidth this peer announces from its next round on (measured after start:
+        :mod:`dedloc.swarm.bandwidth`)."""
+        self._upload_mbps = float(mbps)
+
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
         if logger.isEnabledFor(logging.DEBUG):
             announced = [self.serializer.loads(entry)[0] for entry in group_info.gathered]
@@ -518,6 +523,12 @@ class SwarmOptimizer(hivemind.Optimizer):
     _delayed_round = False  # a gradient round of delayed updates ends in the background thread now
     state_averager: CheckedStateAverager
     grad_averager: Optional[ReportingGradientAverager]  # None in DiLoCo mode
+
+    def set_upload_mbps(self, mbps: float) -> None:
+        """Announce ``mbps`` as this peer's upload bandwidth in its gradient and state rounds from now on."""
+        for averager in (self.grad_averager, self.state_averager):
+            if isinstance(averager, ReducerShares):
+                averager.set_upload_mbps(mbps)
 
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
         if self.grad_averager is not None or self.auxiliary:
