@@ -3,7 +3,8 @@ peers, next to the bandwidth bound — no training compute, so it measures the n
 contention on a small machine.
 
     python -m bench.allreduce [--peers 2,4,8] [--up-mbit 20] [--down-mbit 50] [--params 2000000]
-                              [--compression none] [--rounds 6] [--systems dedloc,gloo] [--out allreduce-results]
+                              [--slow-peers 0] [--slow-up-mbit X] [--compression none] [--rounds 6]
+                              [--systems dedloc,gloo] [--out allreduce-results]
 
 For every peer count, ``--peers`` processes, each in its own network namespace with a tbf-shaped uplink
 and downlink (the swarm lab; needs root), average a vector of ``--params`` float32 numbers ``--rounds``
@@ -13,13 +14,19 @@ times (plus one warm-up round, not counted):
   parts, bounded weights), matchmaking over a DHT the processes share, compression as in the run
   config's ``grad_compression``. Matchmaking is measured apart from the all-reduce: each process asks
   for a group, and the all-reduce starts once every member has its group (hivemind's averaging trigger);
+- ``dedloc-measured``: the same, but each peer first measures its upload against a coordinator's
+  upload probe (an unshaped host of its own, :mod:`dedloc.swarm.bandwidth`) and announces it, as a
+  peer does when it joins; the shares of the all-reduce then follow the uplinks (not run by default);
 - ``gloo``: ``torch.distributed.all_reduce`` over gloo (ring), fp32, the reference synchronous
   data-parallel training uses.
+
+``--slow-peers K --slow-up-mbit X``: the last K peers' uplinks are X Mbit/s instead of ``--up-mbit``.
 
 Printed per system and peer count: median all-reduce seconds over the rounds (from the moment the
 last member is ready to the moment the last member has the result) and its spread, the bound
 2(n−1)/n·M·b / uplink (M numbers of b bytes: what each peer must send in a bandwidth-optimal
-all-reduce), their ratio, matchmaking seconds (dedloc), and the bytes each peer sent per round (its
+all-reduce; with unequal uplinks, the fastest round a split of the shares allows, see
+:func:`bound_seconds`), their ratio, matchmaking seconds (dedloc), and the bytes each peer sent per round (its
 namespace's interface counter) next to 2(n−1)/n·M·b. The scaling column divides the all-reduce
 time by the bound's factor 2(n−1)/n and by the same figure at the smallest peer count: 1.0 means the
 time grows exactly as the bound does. Results go to ``allreduce.json``.
@@ -111,9 +118,12 @@ def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, par
     else:
         dht = hivemind.DHT(initial_peers=_rendezvous_peers(rendezvous, rank, []), start=True, **network)
     torch.manual_seed(rank)
+    # request_timeout below min_matchmaking_time, as hivemind recommends (dedloc's run config does the
+    # same): at 5 s, one member of a 4-peer group never learnt that its group had formed (the others
+    # ran the round without its part) in one round of a mixed-link run
     averager = BenchAverager(
         [torch.randn(params)], dht=dht, prefix=PREFIX, target_group_size=world, min_matchmaking_time=2.0,
-        request_timeout=5.0, compression=make_compression(compression), sender_timeout=60.0,
+        request_timeout=1.0, compression=make_compression(compression), sender_timeout=60.0,
         reducer_timeout=120.0, allreduce_timeout=ROUND_TIMEOUT, start=True,
     )
     announced = None

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hivemind.p2p import P2P
+from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from dedloc.lab.network import LabUnavailable, Network
+from dedloc.swarm import bandwidth
 from dedloc.swarm.bandwidth import ProbeDesk, ProbeRefused, probe_upload, serve_upload_probe
 
 NODE = str(Path(__file__).with_name("upload_probe_node.py"))
@@ -88,6 +91,44 @@ def test_one_probe_at_a_time_once_a_minute_admitted_peers_only():
                 await probe_upload(stranger, server.peer_id)
         finally:
             for node in (first, second, stranger, server):
+                await node.shutdown()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_stalls_mid_probe_does_not_hold_up_the_others(monkeypatch):
+    monkeypatch.setattr(bandwidth, "PROBE_TIMEOUT", 2.0)  # the desk's deadline for one probe
+
+    async def scenario():
+        server, (staller, other) = await _nodes(2, ProbeDesk())
+        acknowledged = asyncio.Event()
+
+        async def one_chunk_then_nothing():
+            yield ExpertRequest(metadata=bytes(bandwidth.CHUNK_BYTES))
+            await asyncio.Event().wait()  # never sends again, never ends the stream
+
+        async def stall():
+            async for _ in await staller.iterate_protobuf_handler(server.peer_id, bandwidth.PROBE_HANDLER,
+                                                                  one_chunk_then_nothing(), ExpertResponse):
+                acknowledged.set()  # the desk took this probe
+
+        stalling = asyncio.create_task(stall())
+        try:
+            await asyncio.wait_for(acknowledged.wait(), 10)
+            began, refusals = time.monotonic(), 0
+            while True:  # busy while the stalled probe holds the desk, then measured
+                try:
+                    mbps = await probe_upload(other, server.peer_id)
+                    break
+                except ProbeRefused as e:
+                    assert e.kind == "busy" and time.monotonic() - began < 10, e
+                    refusals += 1
+                    await asyncio.sleep(0.2)
+            assert refusals >= 1 and mbps > 0, (refusals, mbps)
+        finally:
+            stalling.cancel()
+            for node in (staller, other, server):
                 await node.shutdown()
 
     asyncio.run(scenario())

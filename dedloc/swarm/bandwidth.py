@@ -86,12 +86,15 @@ class ProbeDesk:
                     del self._last_probe[old]
             first_at = first_bytes = None
             received, done, deadline = 0, False, time.monotonic() + PROBE_TIMEOUT
-            async for request in requests:
+            incoming = requests.__aiter__()
+            while True:
+                try:  # a peer that stalls mid-probe does not keep the others waiting
+                    request = await asyncio.wait_for(incoming.__anext__(), max(0.0, deadline - time.monotonic()))
+                except (StopAsyncIteration, asyncio.TimeoutError):
+                    break
                 received += len(request.metadata)
                 now = time.monotonic()
                 if done:
-                    if now > deadline:
-                        return
                     continue  # the peer stops within a window: read it without answering
                 if first_at is None:
                     first_at, first_bytes = now, received  # timed from the first arrival, without its bytes
