@@ -1,4 +1,5 @@
-"""Shared fixtures: every test that starts processes goes through ``procs`` so they are reaped."""
+"""Shared fixtures: every test that starts processes goes through ``procs`` so they are reaped;
+``network`` is a swarm lab of network namespaces (skipped with the reason where none can be made)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dedloc.lab.network import LabUnavailable, Network
 from dedloc.lifecycle import ChildProcess, stop_all
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,6 +24,18 @@ def child_env(threads: int = 1) -> dict:
     return dict(
         os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"
     )
+
+
+@pytest.fixture
+def network():
+    try:
+        net = Network()
+    except LabUnavailable as e:
+        pytest.skip(f"network namespaces are not available here: {e}")
+    try:
+        yield net
+    finally:
+        net.close()
 
 
 class Processes:

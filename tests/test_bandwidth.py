@@ -14,24 +14,11 @@ import pytest
 from hivemind.p2p import P2P
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
-from dedloc.lab.network import LabUnavailable, Network
 from dedloc.swarm import bandwidth
 from dedloc.swarm.bandwidth import ProbeDesk, ProbeRefused, probe_upload, serve_upload_probe
 
 NODE = str(Path(__file__).with_name("upload_probe_node.py"))
 P2P_OPTIONS = dict(nat_port_map=False, auto_nat=False, use_relay=False)
-
-
-@pytest.fixture
-def network():
-    try:
-        net = Network()
-    except LabUnavailable as e:
-        pytest.skip(f"network namespaces are not available here: {e}")
-    try:
-        yield net
-    finally:
-        net.close()
 
 
 @pytest.mark.timeout(180)

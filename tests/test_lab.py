@@ -16,18 +16,6 @@ from dedloc.lab.network import NAMESPACE_PREFIX, LabUnavailable, Network
 PROBE = str(Path(__file__).with_name("tcp_probe.py"))
 
 
-@pytest.fixture
-def network():
-    try:
-        net = Network()
-    except LabUnavailable as e:
-        pytest.skip(f"network namespaces are not available here: {e}")
-    try:
-        yield net
-    finally:
-        net.close()
-
-
 def _namespaces() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
