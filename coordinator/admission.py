@@ -115,7 +115,6 @@ class AccessDesk:
                     f"{self.lifetime / 60:.0f} min from now")
         return dict(reply, token=token_bytes(token))
 
-
     def admits(self, peer_id: PeerID) -> bool:
         """Whether ``peer_id`` may use the coordinator's other services (the upload probe): always in an
         open run; else while it holds a token this desk issued to a volunteer not revoked since."""

@@ -80,10 +80,9 @@ class ProbeDesk:
             yield refusal
             return
         async with self._lock:
-            self._last_probe[peer] = time.monotonic()
-            if len(self._last_probe) > 10_000:  # forget the oldest (a long run sees many peers come and go)
-                for old in sorted(self._last_probe, key=self._last_probe.get)[:5_000]:
-                    del self._last_probe[old]
+            now = time.monotonic()  # (probes older than the cool-down no longer matter)
+            self._last_probe = {other: at for other, at in self._last_probe.items() if now - at < COOLDOWN}
+            self._last_probe[peer] = now
             first_at = first_bytes = None
             received, done, deadline = 0, False, time.monotonic() + PROBE_TIMEOUT
             incoming = requests.__aiter__()
