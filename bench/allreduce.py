@@ -4,6 +4,7 @@ contention on a small machine.
 
     python -m bench.allreduce [--peers 2,4,8] [--up-mbit 20] [--down-mbit 50] [--params 2000000]
                               [--slow-peers 0] [--slow-up-mbit X] [--compression none] [--rounds 6]
+                              [--sender-timeout 60]
                               [--systems dedloc,gloo] [--out allreduce-results]
 
 For every peer count, ``--peers`` processes, each in its own network namespace with a tbf-shaped uplink
@@ -21,6 +22,12 @@ times (plus one warm-up round, not counted):
   data-parallel training uses.
 
 ``--slow-peers K --slow-up-mbit X``: the last K peers' uplinks are X Mbit/s instead of ``--up-mbit``.
+``--sender-timeout S``: dedloc's configured sender timeout (a floor: rounds with slow members wait
+longer, :mod:`dedloc.swarm.timeouts`); the default 60 s keeps slow senders in every round.
+
+Every round averages fresh numbers, and each member checks its result against the mean: a round that
+ended with a member off it (a part dropped after the sender timeout) counts as *partial*, apart from
+the timed rounds.
 
 Printed per system and peer count: median all-reduce seconds over the rounds (from the moment the
 last member is ready to the moment the last member has the result) and its spread, the bound
@@ -53,6 +60,9 @@ SYSTEMS = ("dedloc", "dedloc-measured", "gloo")
 DEFAULT_SYSTEMS = ("dedloc", "gloo")
 COMPRESSIONS = ("none", "fp16")
 BYTES_PER_NUMBER = {"none": 4, "fp16": 2}
+PARTIAL_ERROR = {"none": 1e-4, "fp16": 2e-2}
+"""A member's result further than this from the mean (max over the numbers, which are N(0, 1)) means a
+part of the round was dropped; within it, the wire format's rounding."""
 PREFIX = "allreduce-bench"
 GLOO_PORT = 29510
 ROUND_TIMEOUT = 300.0
@@ -94,8 +104,16 @@ async def _serve_probe(dht, node) -> None:
     await serve_upload_probe(node.p2p, ProbeDesk())
 
 
+def round_vector(rank: int, index: int, params: int):
+    """What peer ``rank`` averages in round ``index``: fresh numbers every round, so that a round left
+    half-done (a member's part dropped) shows in the result even after whole rounds made peers equal."""
+    import torch
+
+    return torch.randn(params, generator=torch.Generator().manual_seed(1_000_003 * index + rank))
+
+
 def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, params: int, compression: str,
-                      rounds: int, results: Path, measure_upload: bool = False) -> None:
+                      rounds: int, results: Path, measure_upload: bool = False, sender_timeout: float = 60.0) -> None:
     import hivemind
     import torch
     from hivemind.averaging.control import AveragingStage
@@ -123,8 +141,8 @@ def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, par
     # ran the round without its part) in one round of a mixed-link run
     averager = BenchAverager(
         [torch.randn(params)], dht=dht, prefix=PREFIX, target_group_size=world, min_matchmaking_time=2.0,
-        request_timeout=1.0, compression=make_compression(compression), sender_timeout=60.0,
-        reducer_timeout=120.0, allreduce_timeout=ROUND_TIMEOUT, start=True,
+        request_timeout=1.0, compression=make_compression(compression), sender_timeout=sender_timeout,
+        reducer_timeout=2 * sender_timeout, allreduce_timeout=ROUND_TIMEOUT, start=True,
     )
     announced = None
     if measure_upload:  # as a peer does when it joins: measured against the coordinator, then announced
@@ -136,6 +154,8 @@ def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, par
             announced = upload.mbps
     try:
         for index in range(rounds + 1):  # round 0: warm-up (connections), not counted
+            with averager.get_tensors() as (tensor,):
+                tensor.copy_(round_vector(rank, index, params))
             _barrier(rendezvous, f"round-{index}", rank, world)
             began = time.time()
             control = averager.step(wait=False, require_trigger=True, timeout=ROUND_TIMEOUT)
@@ -148,8 +168,12 @@ def run_dedloc_worker(rank: int, world: int, address: str, rendezvous: Path, par
                 size, error = len(gathered), None
             except Exception as e:  # recorded: the parent reports failed rounds
                 size, error = 0, repr(e)[:300]
-            _record(results, dict(rank=rank, round=index, began=began, grouped=grouped, done=time.time(),
-                                  group_size=size, error=error, announced_mbps=announced))
+            done = time.time()
+            expected = sum(round_vector(r, index, params) for r in range(world)) / world
+            with averager.get_tensors() as (tensor,):
+                max_error = float((tensor - expected).abs().max())
+            _record(results, dict(rank=rank, round=index, began=began, grouped=grouped, done=done,
+                                  group_size=size, error=error, announced_mbps=announced, max_error=max_error))
         _barrier(rendezvous, "finished", rank, world)
     finally:
         averager.shutdown()
@@ -191,6 +215,9 @@ class Measurement:
     bytes_per_round: Optional[float] = None
     """Mean over the peers of what each sent, per round (warm-up included in neither)."""
     failed_rounds: int = 0
+    partial_rounds: int = 0
+    """Rounds that ended, but with some member's result off the mean (a part dropped after the sender
+    timeout): not counted in ``allreduce_s``."""
     error: Optional[str] = None
     uplinks_mbit: list[float] = field(default_factory=list)
     """Each peer's shaped uplink, in rank order."""
@@ -230,7 +257,7 @@ def uplinks(peers: int, up_mbit: float, slow_peers: int, slow_up_mbit: Optional[
 
 
 def measure(system: str, peers: int, params: int, compression: str, rounds: int, uplinks_mbit: list[float],
-            down_mbit: float, workdir: Path) -> Measurement:
+            down_mbit: float, workdir: Path, sender_timeout: float = 60.0) -> Measurement:
     """One system at one peer count: ``rounds`` counted rounds after a warm-up round. ``dedloc-measured``
     adds an unshaped host for the coordinator's upload probe, which every peer measures against first."""
     result = Measurement(system, peers, compression if system.startswith("dedloc") else "none",
@@ -252,7 +279,7 @@ def measure(system: str, peers: int, params: int, compression: str, rounds: int,
             argv = [sys.executable, "-m", "bench.allreduce", "--worker", system, "--rank", str(rank),
                     "--world", str(peers), "--address", host.address, "--master", hosts[0].address,
                     "--rendezvous", str(workdir), "--params", str(params), "--compression", compression,
-                    "--rounds", str(rounds), "--results", str(rows_path)]
+                    "--rounds", str(rounds), "--results", str(rows_path), "--sender-timeout", str(sender_timeout)]
             # gloo picks its interface by the host name, which resolves to loopback here: name the link
             children.append(ChildProcess(host.name, host.command(argv), workdir / "logs" / f"{host.name}.log",
                                          env={**env, "GLOO_SOCKET_IFNAME": host.inner_link},
@@ -280,6 +307,9 @@ def measure(system: str, peers: int, params: int, compression: str, rounds: int,
         if any(row["error"] or row["group_size"] != peers for row in members):
             result.failed_rounds += 1
             continue
+        if any((row.get("max_error") or 0.0) > PARTIAL_ERROR[compression] for row in members):
+            result.partial_rounds += 1
+            continue
         result.allreduce_s.append(max(row["done"] for row in members) - max(row["grouped"] for row in members))
         if system.startswith("dedloc"):
             result.matchmaking_s.append(max(row["grouped"] for row in members) - min(row["began"] for row in members))
@@ -299,8 +329,8 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
 
 def table(measurements: list[Measurement], params: int) -> str:
     lines = ["| system | peers | uplinks Mbit/s | announced Mbit/s | all-reduce s (median, min–max) | bound s | × bound "
-             "| scaling vs bound | matchmaking s | MB sent per peer per round | bound MB | failed rounds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| scaling vs bound | matchmaking s | MB sent per peer per round | bound MB | failed rounds | partial rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first: dict[str, float] = {}
     for m in measurements:
         median = _median(m.allreduce_s)
@@ -318,7 +348,7 @@ def table(measurements: list[Measurement], params: int) -> str:
             f"| {','.join(_fmt(a, 1) for a in m.announced_mbps) or '—'} | {_fmt(median)}{spread} | {_fmt(bound)} | {_fmt(ratio)} "
             f"| {_fmt(scaling)} | {_fmt(_median(m.matchmaking_s))} | {_fmt(sent)} "
             f"| {bound_bytes(m.peers, params, m.compression) / 1e6:.2f} | {m.failed_rounds}"
-            + (f" — {m.error}" if m.error else "") + " |"
+            + (f" — {m.error}" if m.error else "") + f" | {m.partial_rounds} |"
         )
     return "\n".join(lines)
 
@@ -328,6 +358,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--peers", default="2,4,8", help="comma-separated peer counts")
     parser.add_argument("--up-mbit", type=float, default=20.0)
     parser.add_argument("--down-mbit", type=float, default=50.0)
+    parser.add_argument("--sender-timeout", type=float, default=60.0,
+                        help="dedloc's configured sender timeout (s; the run config's default is 5)")
     parser.add_argument("--slow-peers", type=int, default=0, help="how many peers (the last ranks) have a slower uplink")
     parser.add_argument("--slow-up-mbit", type=float, help="their uplink (Mbit/s)")
     parser.add_argument("--params", type=int, default=2_000_000, help="numbers averaged (default: the reference "
@@ -349,7 +381,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.worker in ("dedloc", "dedloc-measured"):
         run_dedloc_worker(args.rank, args.world, args.address, args.rendezvous, args.params, args.compression,
-                          args.rounds, args.results, measure_upload=args.worker == "dedloc-measured")
+                          args.rounds, args.results, measure_upload=args.worker == "dedloc-measured",
+                          sender_timeout=args.sender_timeout)
         return 0
     if args.worker == "desk":
         run_desk_worker(args.address, args.rendezvous)
@@ -380,10 +413,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for peers in counts:
             m = measure(system, peers, args.params, args.compression, args.rounds,
                         uplinks(peers, args.up_mbit, args.slow_peers, args.slow_up_mbit), args.down_mbit,
-                        args.out / f"{system}-{peers}")
+                        args.out / f"{system}-{peers}", args.sender_timeout)
             measurements.append(m)
             print(f"{system}, {peers} peers: all-reduce {_fmt(_median(m.allreduce_s))} s (median of "
-                  f"{len(m.allreduce_s)}), {m.failed_rounds} failed" + (f" — {m.error}" if m.error else ""), flush=True)
+                  f"{len(m.allreduce_s)}), {m.failed_rounds} failed, {m.partial_rounds} partial" + (f" — {m.error}" if m.error else ""), flush=True)
             (args.out / "allreduce.json").write_text(json.dumps(
                 dict(params=args.params, up_mbit=args.up_mbit, down_mbit=args.down_mbit,
                      measurements=[asdict(x) for x in measurements]), indent=2) + "\n")

@@ -150,13 +150,15 @@ class AveragingSection(_Section):
     matchmaking_time: float = Field(2.0, gt=0)
     """Seconds peers spend forming a group before each averaging round."""
     averaging_timeout: float = Field(30.0, gt=0)
-    """Seconds after which an averaging round is abandoned."""
+    """Seconds after which an averaging round is abandoned. A floor: a peer whose uplink, or a groupmate's,
+    needs longer for the round's volume allows its rounds more, up to 10 × this (:mod:`dedloc.swarm.timeouts`)."""
     load_state_timeout: float = Field(120.0, gt=0)
     """Seconds a newcomer may take to download the current state."""
     sender_timeout: float = Field(5.0, gt=0)
     """Seconds a groupmate may stay silent in an all-reduce before the round goes on without its part
     (results it owes the others may take twice this). A loaded peer can miss a tight bound: the
-    members then end the round with different values for its part."""
+    members then end the round with different values for its part. A floor: a round whose slowest
+    member's announced uplink needs longer for a chunk waits longer, up to 10 × this."""
     download_chunk_timeout: float = Field(10.0, gt=0)
     """Seconds a state download waits for the next piece from one donor before it moves on to the next."""
     average_state_every: int = Field(1, gt=0)

@@ -29,6 +29,7 @@ from hivemind.compression import (
 )
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import AllReducePhases, PowerSGDGradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -42,6 +43,7 @@ from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
 from dedloc.swarm.reduction import CheckedReduction
+from dedloc.swarm.timeouts import averaging_timeout_floor, round_sender_timeout, slowest_uplink, wire_bytes
 from dedloc.swarm.weight_bound import PublishedProgress
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
@@ -119,10 +121,57 @@ class ReducerShares:
         :mod:`dedloc.swarm.bandwidth`)."""
         self._upload_mbps = float(mbps)
 
+    # hivemind reads the all-reduce timeout in its background process (``_step``, 1.1.12): a shared value,
+    # so that a floor raised after the averager started (:meth:`allow_round_bytes`) reaches it
+    @property
+    def _allreduce_timeout(self) -> Optional[float]:
+        seconds = self._shared_allreduce_timeout.value
+        return None if seconds < 0 else seconds
+
+    @_allreduce_timeout.setter
+    def _allreduce_timeout(self, seconds: Optional[float]) -> None:
+        if not hasattr(self, "_shared_allreduce_timeout"):  # hivemind's __init__: the configured value
+            self._shared_allreduce_timeout = mp.Value("d", -1.0)
+            self._configured_allreduce_timeout = seconds
+        self._shared_allreduce_timeout.value = -1.0 if seconds is None else float(seconds)
+
+    def allow_round_bytes(self, round_bytes: float, upload_mbps: Optional[float]) -> Optional[float]:
+        """Allow this averager's rounds from now on the time ``round_bytes`` (on the wire) need over an
+        uplink of ``upload_mbps`` (:func:`dedloc.swarm.timeouts.averaging_timeout_floor`: the configured
+        timeout is the floor), from either of its processes; the new timeout if that raised it."""
+        configured = self._configured_allreduce_timeout
+        if configured is None:
+            return None
+        seconds = averaging_timeout_floor(configured, round_bytes, upload_mbps)
+        with self._shared_allreduce_timeout.get_lock():
+            if seconds <= self._allreduce_timeout:
+                return None
+            self._allreduce_timeout = seconds
+            return seconds
+
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
+        bandwidths = [self.serializer.loads(entry)[0] for entry in group_info.gathered]
+        # a groupmate's chunks cross its uplink to every other member at once: on slow uplinks they
+        # take longer than the configured sender timeout, and the round would go on without them
+        slowest = slowest_uplink(bandwidths)
+        if "sender_timeout" in kwargs and kwargs["sender_timeout"] is not None:
+            sender_timeout = round_sender_timeout(kwargs["sender_timeout"],
+                                                  kwargs.get("part_size_bytes", DEFAULT_PART_SIZE_BYTES),
+                                                  group_info.group_size, slowest)
+            if sender_timeout > kwargs["sender_timeout"]:
+                kwargs["sender_timeout"] = sender_timeout
+                if kwargs.get("reducer_timeout") is not None:
+                    kwargs["reducer_timeout"] = max(kwargs["reducer_timeout"], 2 * sender_timeout)
+        # ... and a round as a whole may take longer than the configured timeout allows: this averager's
+        # later rounds get the time the slowest uplink it averaged with needs (this one's deadline is set)
+        if slowest is not None and "compression" in kwargs:
+            raised = self.allow_round_bytes(wire_bytes(self.total_size, kwargs["compression"]), slowest)
+            if raised is not None:
+                logger.info(f"averaging rounds may take up to {raised:.0f} s from now on: a groupmate's uplink "
+                            f"is {slowest:.1f} Mbit/s")
         if logger.isEnabledFor(logging.DEBUG):
-            announced = [self.serializer.loads(entry)[0] for entry in group_info.gathered]
-            logger.debug(f"{type(self).__name__}: a round with {group_info.group_size} peers, bandwidths announced {announced}")
+            logger.debug(f"{type(self).__name__}: a round with {group_info.group_size} peers, bandwidths announced "
+                         f"{bandwidths}, sender timeout {kwargs.get('sender_timeout')} s")
         return await super()._aggregate_with_group(_with_reducers(group_info, self.serializer), *args, **kwargs)
 
 
@@ -524,11 +573,36 @@ class SwarmOptimizer(hivemind.Optimizer):
     state_averager: CheckedStateAverager
     grad_averager: Optional[ReportingGradientAverager]  # None in DiLoCo mode
 
+    def _averagers(self) -> list[ReducerShares]:
+        return [a for a in (getattr(self, "grad_averager", None), getattr(self, "state_averager", None))
+                if isinstance(a, ReducerShares)]
+
+    @property
+    def averaging_timeout(self) -> Optional[float]:
+        """The configured averaging timeout, or more where this peer's averagers allow their rounds more
+        (its own uplink, or the slowest one it averaged with, needs it: :mod:`dedloc.swarm.timeouts`):
+        hivemind waits this long for a round's result, so no round is given up while it may still end."""
+        configured = self._configured_averaging_timeout
+        if configured is None:
+            return None
+        return max([configured, *(a._allreduce_timeout or 0.0 for a in self._averagers())])
+
+    @averaging_timeout.setter
+    def averaging_timeout(self, seconds: Optional[float]) -> None:
+        self._configured_averaging_timeout = seconds
+
     def set_upload_mbps(self, mbps: float) -> None:
-        """Announce ``mbps`` as this peer's upload bandwidth in its gradient and state rounds from now on."""
-        for averager in (self.grad_averager, self.state_averager):
-            if isinstance(averager, ReducerShares):
-                averager.set_upload_mbps(mbps)
+        """Announce ``mbps`` as this peer's upload bandwidth in its gradient and state rounds from now on,
+        and give its rounds the time that uplink needs (:func:`dedloc.swarm.timeouts.averaging_timeout_floor`
+        over the larger of the two rounds; the configured averaging timeout is the floor)."""
+        averagers = self._averagers()
+        for averager in averagers:
+            averager.set_upload_mbps(mbps)
+        largest = max((wire_bytes(a.total_size, a.allreduce_kwargs["compression"]) for a in averagers), default=0.0)
+        raised = [seconds for a in averagers if (seconds := a.allow_round_bytes(largest, mbps)) is not None]
+        if raised:
+            logger.info(f"averaging rounds may take up to {max(raised):.0f} s: the uplink is {mbps:.1f} Mbit/s "
+                        f"({largest / 1e6:.1f} MB a round)")
 
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
         if self.grad_averager is not None or self.auxiliary:
@@ -891,6 +965,8 @@ def build_optimizer(
         optimizer.outer = OuterStep(model.parameters(), config.diloco)
     if optimizer.grad_averager is not None:
         optimizer.grad_averager.step_of_round = lambda: optimizer.local_epoch
+    if upload_mbps is not None:
+        optimizer.set_upload_mbps(upload_mbps)  # the volunteer's figure: the timeouts follow it too
     return optimizer
 
 

@@ -54,6 +54,12 @@ SHARE_SPREAD = 4.0
 inverse: a volunteer claiming a fast uplink reduces a bounded share, never the whole vector."""
 
 
+def usable_mbps(bandwidth: Any) -> bool:
+    """Whether an announced bandwidth is a figure (a finite positive number, Mbit/s)."""
+    return isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and math.isfinite(bandwidth) \
+        and bandwidth > 0
+
+
 def reduction_shares(total_size: int, announced: Sequence[tuple[Optional[float], AveragingMode]]) -> tuple[int, ...]:
     """How many of the vector's ``total_size`` numbers each member of a group reduces, from what each
     announced (bandwidth, mode): client-mode members and members announcing 0 reduce none; the others
@@ -62,10 +68,8 @@ def reduction_shares(total_size: int, announced: Sequence[tuple[Optional[float],
     member not in client mode reduces an equal share. Exact integer arithmetic on the gathered data, so
     every member computes the same split (hivemind's load balancing — a linear program — hands the
     whole vector to a member only twice as fast as the others)."""
-    def usable(bandwidth) -> bool:
-        return isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and math.isfinite(bandwidth) and bandwidth > 0
-
-    reducing = [mode != AveragingMode.CLIENT and (bandwidth is None or usable(bandwidth)) for bandwidth, mode in announced]
+    reducing = [mode != AveragingMode.CLIENT and (bandwidth is None or usable_mbps(bandwidth))
+                for bandwidth, mode in announced]
     if not any(reducing):
         reducing = [mode != AveragingMode.CLIENT for _, mode in announced]
         scores = [1.0 if r else 0.0 for r in reducing]
