@@ -1,7 +1,7 @@
 """One member of a two-peer all-reduce for the timeout tests: ``NODE HOST MBPS VALUE SIZE SENDER_TIMEOUT
 [MADDR]`` averages a vector of SIZE numbers, all VALUE, announcing an upload of MBPS, with the given
 sender timeout (reducer timeout: twice that); the first member (no MADDR) prints its DHT's multiaddr
-first. Prints the vector's min and max after the round (or ``failed ...``)."""
+first. Prints the vector's min and max after the round (or ``failed ...``), then runs until stdin closes."""
 
 import sys
 
@@ -28,11 +28,13 @@ def main(host: str, mbps: str, value: str, size: str, sender_timeout: str, maddr
     try:
         try:
             averager.step(timeout=150.0)
+            with averager.get_tensors() as (tensor,):
+                print(f"{tensor.min().item()} {tensor.max().item()}", flush=True)
         except Exception as e:
             print(f"failed {e!r}", flush=True)
-            return
-        with averager.get_tensors() as (tensor,):
-            print(f"{tensor.min().item()} {tensor.max().item()}", flush=True)
+        # a member whose round ended may still be sending its last results to the other: both stay
+        # until the test has both results (it closes stdin)
+        sys.stdin.read()
     finally:
         averager.shutdown()
         dht.shutdown()

@@ -61,19 +61,21 @@ def test_a_slow_uplink_gets_a_sender_timeout_it_can_meet(network):
     fast = network.add_host("fast", up_mbit=50, down_mbit=50)
     slow = network.add_host("slow", up_mbit=1, down_mbit=50)
     size = 4 * PART // 4  # four parts of fp32 numbers: 2 MB
-    first = subprocess.Popen(fast.command([sys.executable, NODE, fast.address, "20", "1", str(size), "1"]),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # each node prints its result, then stays (its last results may still be on their way to the other)
+    # until both have printed and the test closes their stdin; a node always prints within its 150-s
+    # step timeout, or exits (an empty line here)
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(fast.command([sys.executable, NODE, fast.address, "20", "1", str(size), "1"]), **pipes)
     second = None
     try:
         maddr = first.stdout.readline().strip()
         assert "/p2p/" in maddr, first.stderr.read()[-2000:] if first.poll() is not None else maddr
         second = subprocess.Popen(slow.command([sys.executable, NODE, slow.address, "1", "3", str(size), "1", maddr]),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        results = {}
+                                  **pipes)
+        results = {name: node.stdout.readline().strip() for name, node in (("fast", first), ("slow", second))}
         for name, node in (("fast", first), ("slow", second)):
-            out, err = node.communicate(timeout=200)
-            assert node.returncode == 0, err[-3000:]
-            results[name] = out.strip().splitlines()[-1]
+            _, err = node.communicate("", timeout=60)
+            assert node.returncode == 0 and results[name], (name, results[name], err[-3000:])
         print(f"after the round (min max): {results}")
         for name, line in results.items():
             assert not line.startswith("failed"), (name, line)
