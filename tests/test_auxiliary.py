@@ -33,6 +33,10 @@ def test_an_auxiliary_peer_carries_a_share_of_the_all_reduce(tmp_path, procs):
     coordinator = procs.dedloc("coordinator", "--config", str(config), "--workdir", str(coordinator_dir))
     join = join_addresses(coordinator_dir, coordinator)
     helper = procs.dedloc("peer", "--join", *join, "--auxiliary", "--workdir", str(tmp_path / "helper"), name="helper")
+    # the trainers start once the helper is ready to average: on a loaded machine a helper still building
+    # its model when the run began joined at step 4 of 6 (CI), and a short run left it too few rounds
+    wait_for(lambda: "helping the swarm average" in helper.log_path.read_text(), 180, "the helper to be ready",
+             watch=[coordinator, helper])
     trainers = [
         procs.dedloc("peer", "--join", *join, "--workdir", str(tmp_path / f"peer-{i}"),
                      "--snapshot-dir", str(tmp_path / f"peer-{i}" / "final"), name=f"peer-{i}")
