@@ -8,6 +8,7 @@ import re
 import sys
 
 import pytest
+import torch
 from hivemind.utils import logging as hivemind_logging
 from rich.console import Console
 
@@ -154,6 +155,23 @@ def test_a_round_without_a_group_is_one_warning_line_other_errors_keep_their_tra
     lines = [line for line in err.splitlines() if "could not find a group" in line]
     assert len(lines) == 1 and "WARN" in lines[0], err
     assert err.count("Traceback") == 1 and "ValueError: a real bug" in err, err
+
+
+def test_a_failed_state_download_from_one_peer_is_one_warning_line(setup_logging, capsys):
+    """hivemind logs a state download that failed midway with its traceback and asks the next peer: one
+    warning line naming the error. An exception logged with another message keeps its traceback."""
+    setup_logging()
+    capsys.readouterr()
+    averager_log = logging.getLogger("hivemind.averaging.averager")
+    for message in ("Failed to download state from QmPeer - {!r}", "Something else broke: {!r}"):
+        try:
+            torch.zeros(49152).reshape(128, 512)
+        except RuntimeError as e:
+            averager_log.exception(message.format(e))
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "Failed to download state from QmPeer" in line]
+    assert "WARN" in line and "invalid for input of size 49152" in line and "next peer" in line, err
+    assert err.count("Traceback") == 1 and "Something else broke" in err, err
 
 
 def test_a_round_cancelled_by_its_timeout_is_one_warning_line(setup_logging, capsys):
