@@ -258,7 +258,14 @@ def test_a_cut_off_peer_resynchronises(lab):
     behind = re.search(r"this peer is at step (\d+), the swarm at step (\d+): downloading its state", log)
     assert behind and int(behind[2]) > int(behind[1]), "peer-3 did not notice it was behind"
     downloaded = re.search(r"state downloaded in \S+ s: now at step (\d+), (\d+) samples accumulated", log[behind.end():])
-    assert downloaded and int(downloaded[1]) >= int(behind[2]) and int(downloaded[2]) == 0, downloaded
+    assert downloaded and int(downloaded[2]) == 0, downloaded
+    # a state of the swarm's step, or an older one that the peer then moves past by taking the swarm's
+    # step (the optimizer's path for a download the swarm outran). In CI the donor at the swarm's step
+    # could not be dialled yet right after the link came back, and the next donor served step 11 of 12
+    outran = re.search(r"the swarm stepped during the download \(state of step (\d+), swarm at step (\d+)\)",
+                       log[behind.end() + downloaded.end():])
+    assert int(downloaded[1]) >= int(behind[2]) or (outran and int(outran[2]) >= int(behind[2])), \
+        f"{downloaded[0]} (the swarm at step {behind[2]}), and the peer did not take the swarm's step"
     # no gradient averaging round began between getting back in touch and the download: nothing from
     # before the outage reached the swarm, and the first round after it holds fresh samples only
     back = log.index("back in touch with the swarm")
@@ -272,7 +279,8 @@ def test_a_cut_off_peer_resynchronises(lab):
     assert log[behind.end():].count("stepping with this peer's own gradients only") <= 1
     solo_at = log.find("stepping with this peer's own gradients only", behind.end())
     after = [line for line in _step_lines(cut_off) if line["at"] > behind.end()]
-    assert after and after[-1]["contributed"] > after[0]["contributed"], "peer-3 did not train after getting back"
+    assert after and after[-1]["contributed"] > after[0]["contributed"], \
+        f"peer-3 did not train after getting back:\n{_step_table(swarm)}\n{_swarm_lines(log[back:])}"
     theirs: dict[int, list[float]] = {}
     for other in others:
         for line in _step_lines(other):
