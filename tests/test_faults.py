@@ -320,12 +320,26 @@ def test_a_late_joiner_catches_up_and_a_peer_vanishes_in_the_final_round(lab):
     wait_for(lambda: _last_step(swarm) >= 3, 300, "3 global steps", watch=_nodes(swarm))
     joiner.resume()
     steady, vanishing = swarm.peers["peer-1"], swarm.peers["peer-2"]
-    wait_for(lambda: "fault injected: final-state-round" in vanishing.log_text(), 300,
-             "peer-2 to freeze inside the final round", watch=_nodes(swarm))
+    # the fault point fires inside peer-2's final state round, so only when that round finds a group: a
+    # peer-2 a step late at the end (CI, 2026-11-29: its last gradient round found no group, it stepped
+    # alone) finds nobody there and takes the state the others ended with, as any such peer does
+    def froze() -> bool:
+        return "fault injected: final-state-round" in vanishing.log_text()
+
+    wait_for(lambda: froze() or vanishing.poll() is not None, 300,
+             "peer-2 to freeze inside the final round (or to finish without one)", watch=_nodes(swarm))
     for node in [swarm.coordinator, steady, joiner]:
         wait_for(lambda: node.poll() is not None, 240, f"{node.name} to finish", watch=[node.child])
         assert node.poll() == 0, node.child.log_tail(30)
-    vanishing.power_off()
+    vanished = froze()
+    if vanished:
+        vanishing.power_off()
+    else:
+        assert vanishing.poll() == 0, vanishing.child.log_tail(30)
+        late = vanishing.log_text()
+        assert "the final state-averaging round found no other peer" in late and "final state downloaded" in late, \
+            vanishing.child.log_tail(30)
+        print("peer-2's final state round found no group: the fault point did not fire; it took the final state")
 
     log = joiner.log_text()
     behind = re.search(r"the swarm is at step (\d+): downloading its state", log)
@@ -376,12 +390,12 @@ def test_a_late_joiner_catches_up_and_a_peer_vanishes_in_the_final_round(lab):
     # again; a survivor whose final round found no group took the others' final state instead
     logs = {node.name: node.log_text() for node in (steady, joiner)}
     noticed = ("a state-averaging round was left half-done", "final state downloaded")
-    assert any(mark in log for log in logs.values() for mark in noticed), logs
+    assert not vanished or any(mark in log for log in logs.values() for mark in noticed), logs
     assert not any("final state-averaging rounds were left half-done" in log for log in logs.values())
-    final = [_step_lines(node)[-1] for node in [steady, joiner]]
+    final = [_step_lines(node)[-1] for node in [steady, joiner, *([] if vanished else [vanishing])]]
     assert {line["step"] for line in final} == {12}
     # no compression on state averaging: equal up to float rounding (hivemind adds the averaged delta)
-    assert math.isclose(final[0]["params"], final[1]["params"], rel_tol=1e-7), final
+    assert all(math.isclose(final[0]["params"], line["params"], rel_tol=1e-7) for line in final), final
     assert latest_valid_checkpoint(swarm.coordinator_dir / "checkpoints").step == 12
 
 
