@@ -874,14 +874,6 @@ class SwarmOptimizer(hivemind.Optimizer):
         return super()._load_local_gradients_into_optimizer()
 
 
-def auxiliary_tracker_opts(averaging) -> dict:
-    """An auxiliary peer reads the swarm's progress at least every matchmaking period. It has no samples
-    of its own, so while the trainers' speed is unknown (the run's first rounds) hivemind's tracker waits
-    its longest period, 10 s, between reads: a helper then learnt of rounds that had already run (it sat
-    out the first three steps of a run whose steps took 2 s)."""
-    return {"max_refresh_period": max(0.5, averaging.matchmaking_time)}
-
-
 def build_optimizer(
     dht: hivemind.DHT,
     config: RunConfig,
@@ -942,6 +934,11 @@ def build_optimizer(
                 **averager_opts,
             ),
         )
+    # an auxiliary peer has no samples of its own, so while the trainers' speed is unknown (the run's first
+    # rounds) hivemind's tracker would read the swarm's progress only every 10 s: a helper learnt of rounds
+    # that had already run (it sat out the first three steps of a run whose steps took 2 s). It reads it
+    # at least every matchmaking period
+    helper_polling = {"max_refresh_period": max(0.5, averaging.matchmaking_time)} if auxiliary else {}
     with _keeping_sigint_handler():
         optimizer = SwarmOptimizer(
             dht=dht,
@@ -965,7 +962,7 @@ def build_optimizer(
             averager_opts=averager_opts,
             # a frozen peer stops refreshing its progress record: it leaves hivemind's count (and its
             # samples the target batch) once the record expires, as it leaves dedloc's metrics count
-            tracker_opts={"metadata_expiration": ONLINE_WINDOW, **(auxiliary_tracker_opts(averaging) if auxiliary else {})},
+            tracker_opts={"metadata_expiration": ONLINE_WINDOW, **helper_polling},
             verbose=verbose,
             **mode_opts,
         )
