@@ -322,7 +322,26 @@ class ClosesStepExecutor:
             self.step_executor.shutdown(wait=False)
 
 
-class CheckedStateAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, ClosesStepExecutor, TrainingStateAverager):
+class ServesSnapshot:
+    """State averager mixin: a state download is served from a copy of the state taken at one instant.
+
+    hivemind 1.1.12's ``TrainingStateAverager.get_current_state`` hands the live tensors (parameters,
+    optimizer statistics) to the averager's process, which compresses and streams them while the
+    peer goes on training: a download taking longer than a step got some tensors from before an update
+    and some from after it — a state no peer ever held. Here the tensors are copied while no optimizer
+    step (``lock_optimizer``), state download or averaging result (``lock_averaged_tensors``) writes
+    them, and the copy is what gets streamed. The cost: one transient copy of the state per download
+    being served. The step number sent with it is read just before the copy, as hivemind reads it.
+    """
+
+    def get_current_state(self):
+        with self.lock_optimizer:
+            metadata, tensors, infos = super().get_current_state()
+            with torch.no_grad(), self.lock_averaged_tensors:
+                return metadata, [tensor.clone() for tensor in tensors], infos
+
+
+class CheckedStateAverager(AdmittedPeersOnly, ServesSnapshot, CheckedReduction, ReducerShares, ClosesStepExecutor, TrainingStateAverager):
     """hivemind's state averager, noticing rounds that were left half-done.
 
     When a peer vanishes in the middle of an all-reduce, hivemind (1.1.12,
@@ -975,7 +994,7 @@ def build_optimizer(
     return optimizer
 
 
-class _ReaderStateAverager(AdmittedPeersOnly, ClosesStepExecutor, TrainingStateAverager):
+class _ReaderStateAverager(AdmittedPeersOnly, ServesSnapshot, ClosesStepExecutor, TrainingStateAverager):
     """The reader's averager: serves state downloads to the run's members only (hivemind's handler names)."""
 
     @classmethod
