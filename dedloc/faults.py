@@ -4,7 +4,8 @@ A test sets ``DEDLOC_FAULTS`` to a comma-separated list of point names in a daem
 the daemon reaches a listed point it logs ``fault injected: NAME`` and hangs there until it is killed
 (:func:`fault_point`), stops itself until the test sends SIGCONT (:func:`fault_pause`), or misbehaves
 there as the name says (:func:`fault_active`). A peer started with one of :data:`ATTACKS` is a scripted
-bad volunteer for the attack benchmark: it poisons what it sends to gradient averaging (:func:`poison`).
+bad volunteer for the attack benchmark: it poisons what it sends to gradient averaging (:func:`poison`),
+or, as a reducer, the averages it sends back (:data:`REDUCER_LIES`).
 Without the variable (every normal run) a point costs one dictionary lookup and does nothing.
 """
 
@@ -53,8 +54,12 @@ ATTACKS = {
     "attack-random": "a random direction with 1000 × its gradient's norm",
     "attack-nan": "NaN in every gradient it sends",
     "attack-weight": "its honest gradient with a claimed weight of 1000 × its samples",
+    "attack-reducer-nan": "as a reducer, NaN in place of the average it sends back",
+    "attack-reducer-scale": "as a reducer, 1000 × the average it sends back",
 }
 """The scripted attacks a peer can be started with (``DEDLOC_FAULTS=attack-…``), as in BTARD's experiments."""
+REDUCER_LIES = ("attack-reducer-nan", "attack-reducer-scale")
+"""The attacks made as a reducer (:class:`dedloc.swarm.reduction.CheckedPartReducer`), not on what the peer sends."""
 
 
 def active_attack() -> Optional[str]:
@@ -83,3 +88,13 @@ def poison(attack: str, gradients: Sequence) -> None:
         elif attack == "attack-nan":
             for tensor in gradients:
                 tensor.fill_(float("nan"))
+
+
+def lie(attack: str, average):
+    """What a lying reducer (``attack``, one of :data:`REDUCER_LIES`) sends back in place of ``average``
+    (a torch tensor, left as it is: the result is a new one)."""
+    import torch
+
+    if attack == "attack-reducer-nan":
+        return torch.full_like(average, float("nan"))
+    return average * 1000.0

@@ -14,6 +14,7 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from dedloc.faults import ENV
 from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.optimizer import ReducerShares
 from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights, round_step
@@ -78,17 +79,24 @@ class _Averager(CheckedReduction, ReducerShares, hivemind.averaging.Decentralize
 
 
 def _average(values: list[float], weights: list[float], reduces: list[bool], steps: Optional[list] = None,
-             dhts: Optional[list] = None, **reduction) -> list[torch.Tensor]:
+             dhts: Optional[list] = None, faults: Optional[list] = None, **reduction) -> list[torch.Tensor]:
     """One round of real averagers on a local DHT (``dhts``, shut down here; default: fresh ones), each
     holding a vector filled with its value (and gathering its entry of ``steps``, as the state averager
-    gathers its step)."""
+    gathers its step; and built with its entry of ``faults`` as ``DEDLOC_FAULTS``)."""
     steps = steps or [None] * len(values)
+    faults = faults or [None] * len(values)
     dhts = dhts or local_dhts(len(values))
     averagers = []
     try:
-        for dht, value, reducing in zip(dhts, values, reduces):
-            averager = _Averager([torch.full((4096,), value)], dht=dht, prefix="checked", target_group_size=len(values),
-                                 min_matchmaking_time=2.0, request_timeout=1.0, start=False, **reduction)
+        for dht, value, reducing, fault in zip(dhts, values, reduces, faults):
+            with pytest.MonkeyPatch.context() as patch:
+                if fault is None:
+                    patch.delenv(ENV, raising=False)
+                else:
+                    patch.setenv(ENV, fault)  # read when the averager is built
+                averager = _Averager([torch.full((4096,), value)], dht=dht, prefix="checked",
+                                     target_group_size=len(values), min_matchmaking_time=2.0, request_timeout=1.0,
+                                     start=False, **reduction)
             averager.announce(reduces=reducing)
             averager.run_in_background(await_ready=True)
             averagers.append(averager)
@@ -204,3 +212,18 @@ def test_senders_that_all_weigh_nothing_get_their_plain_mean():
     plain mean, where hivemind's reducer would divide 0 by 0."""
     tensors = _average([1.0, 3.0], weights=[0.0, 0.0], reduces=[True, True])
     assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in tensors), [float(t.mean()) for t in tensors]
+
+
+def test_an_average_a_reducer_sends_back_with_nan_is_dropped():
+    """A member's reducer answers NaN (the attack benchmark's bad reducer, reducing the whole vector here):
+    the others keep their own values instead; the liar itself, whose own answer is true, gets the mean.
+    With the checks off (hivemind's runner) the NaN reaches them."""
+    values, reduces = [1.0, 3.0, 5.0], [False, False, True]
+    liar = [None, None, "attack-reducer-nan"]
+    tensors = _average(values, weights=[1.0] * 3, reduces=reduces, faults=liar)
+    for tensor, value in zip(tensors[:2], values):
+        assert torch.equal(tensor, torch.full((4096,), value)), tensor[:4]
+    assert torch.allclose(tensors[2], torch.full((4096,), 3.0)), tensors[2][:4]
+
+    unchecked = _average(values, weights=[1.0] * 3, reduces=reduces, faults=["defences-off", "defences-off", liar[2]])
+    assert all(bool(torch.isnan(tensor).all()) for tensor in unchecked[:2])

@@ -15,7 +15,12 @@ claims. :class:`CheckedPartReducer` instead
   :func:`centered_clip` (``"centered_clip"``), which bounds what any one sender can move the result
   (and how much weight it carries).
 
-:class:`CheckedAllReduceRunner` also keeps a refused member from holding up a round: a sender banned
+:class:`CheckedAllReduceRunner` checks what each member's reducer sends back, too: an average of the
+wrong shape, or with NaN or infinite values, is dropped — the member keeps its own values for that
+reducer's span, as when a reducer vanishes, and the reducer is banned from the round as a sender. (An
+average that is finite and well-formed but false is not caught: see docs/security.md.)
+
+It also keeps a refused member from holding up a round: a sender banned
 in one all-reduce of a round is left out of the round's later ones (PowerSGD's two phases), and a
 reducer finishes its share without its own refused part. Averagers take it in with
 :class:`CheckedReduction`, which also answers a part for a round that already ended at once.
@@ -39,7 +44,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import achain, anext, as_aiter, azip
 
-from dedloc.faults import fault_active
+from dedloc.faults import REDUCER_LIES, active_attack, fault_active, lie
 
 logger = logging.getLogger(__name__)
 
@@ -194,13 +199,17 @@ class CheckedPartReducer(TensorPartReducer):
 
     It keeps hivemind's bookkeeping of which sender delivered which part, and replaces only its
     running sum (:class:`_PartCollector`). A rejected part raises :class:`RejectedPart` before hivemind
-    counts it: the runner then bans the sender, and the part is finished without it.
+    counts it: the runner then bans the sender, and the part is finished without it. ``lie`` (the attack
+    benchmark's scripted bad reducer only, :data:`~dedloc.faults.REDUCER_LIES`): what it sends back to the
+    senders other than ``own_sender`` instead of the average.
     """
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, sender_names: Sequence[str],
                  aggregation: Aggregation = "mean", max_weight: Optional[float] = None, tau: Optional[float] = None,
-                 sender_bounds: Optional[Sequence[Optional[float]]] = None):
+                 sender_bounds: Optional[Sequence[Optional[float]]] = None, lie: Optional[str] = None,
+                 own_sender: Optional[int] = None):
         self.aggregation, self.max_weight, self.tau = aggregation, max_weight, tau
+        self.lie, self.own_sender = lie, own_sender
         self.sender_names = list(sender_names)
         self.sender_bounds = list(sender_bounds) if sender_bounds is not None else [None] * num_senders
         self._bounded: set[int] = set()  # senders whose claim was bounded in this round (logged once each)
@@ -227,7 +236,10 @@ class CheckedPartReducer(TensorPartReducer):
                 logger.info(f"counted {self.sender_names[sender_index]}'s claimed weight {weight:g} as {bound:.1f}: "
                             "more samples than its published progress accounts for")
             weight = bound
-        return await super().accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+        average = await super().accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+        if self.lie is not None and sender_index != self.own_sender:
+            return lie(self.lie, average)
+        return average
 
     def _problem(self, part_index: int, tensor_part: torch.Tensor, weight: float) -> Optional[str]:
         expected = self.part_shapes[part_index]
@@ -244,12 +256,26 @@ class RejectedPart(AllreduceException):
     """A sender's part failed :class:`CheckedPartReducer`'s checks."""
 
 
+class RejectedAverage(AllreduceException):
+    """What a member's reducer sent back cannot be the average of its span (wrong shape, not finite)."""
+
+
+def average_problem(received: torch.Tensor, sent: torch.Tensor) -> Optional[str]:
+    """Why ``received`` (a reducer's answer for the part ``sent``: the average, or its difference from
+    ``sent``) cannot be the average of that part, or None."""
+    if tuple(received.shape) != tuple(sent.shape):
+        return f"shape {tuple(received.shape)} for a part of shape {tuple(sent.shape)}"
+    if not bool(torch.isfinite(received).all()):
+        return "NaN or infinite values"
+    return None
+
+
 class CheckedAllReduceRunner(AllReduceRunner):
     """hivemind's all-reduce runner with a :class:`CheckedPartReducer` in place of its own."""
 
     def __init__(self, *args, aggregation: Aggregation = "mean", max_weight: Optional[float] = None,
                  clip_tau: Optional[float] = None, weight_bounds: Optional[dict] = None,
-                 left_out: Collection[PeerID] = (), **kwargs):
+                 left_out: Collection[PeerID] = (), lie: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         # hivemind's own reducer, replaced before it saw any part, would warn "Reducer: received 0.0% of
         # input tensors" when garbage-collected (its __del__ finalizes it): marked finished, it stays quiet
@@ -262,7 +288,10 @@ class CheckedAllReduceRunner(AllReduceRunner):
             max_weight=max_weight,
             tau=clip_tau,
             sender_bounds=[(weight_bounds or {}).get(peer_id) for peer_id in self.sender_peer_ids],
+            lie=lie,
+            own_sender=self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None,
         )
+        self._check_averages_received()
         # members this peer banned in an earlier all-reduce of the same round (PowerSGD's P phase before
         # its Q phase): neither waited for as senders nor sent parts to as reducers — a member whose P
         # factors were refused fails its own round and never joins the Q phase, and the others would wait
@@ -275,12 +304,36 @@ class CheckedAllReduceRunner(AllReduceRunner):
         if len(self.active_senders) == len(self.sender_peer_ids):
             self.all_senders_started.set()
 
+    def _check_averages_received(self) -> None:
+        """Every answer another member's reducer sends back passes :func:`average_problem` before it is
+        used, or raises :class:`RejectedAverage`: hivemind's runner then keeps this peer's own values
+        for the rest of that reducer's span (``register_failed_reducer``), as for a reducer that fails.
+        hivemind 1.1.12 has no hook there: the container's ``register_processed_part`` is wrapped."""
+        container = self.tensor_part_container
+        register = container.register_processed_part
+        own = self.ordered_peer_ids.index(self.peer_id)
+
+        def register_checked(peer_index: int, part_index: int, part: torch.Tensor) -> None:
+            if peer_index != own and part_index < len(container._input_parts_by_peer[peer_index]):
+                problem = average_problem(part, container._input_parts_by_peer[peer_index][part_index][0])
+                if problem is not None:
+                    raise RejectedAverage(f"part {part_index} came back with {problem}")
+            register(peer_index, part_index, part)
+
+        container.register_processed_part = register_checked
+
     async def _communicate_with_peer(self, peer_id: PeerID):
         if peer_id in self.left_out:  # its share of the vector stays as this peer's own
             self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(peer_id))
             return
         try:
             await super()._communicate_with_peer(peer_id)
+        except RejectedAverage as e:
+            # hivemind's runner already kept this peer's own values for the rest of the reducer's span
+            logger.warning(f"dropped the average that {peer_id} sent back: {e}; its span of the vector keeps this "
+                           "peer's own values, and it is left out of this round")
+            if peer_id in self.sender_peer_ids:
+                await self._ban_sender(peer_id)
         except RejectedPart:
             if peer_id != self.peer_id:
                 raise
@@ -307,6 +360,8 @@ class CheckedReduction:
         self._ended_rounds: collections.deque = collections.deque(maxlen=ENDED_ROUNDS_KEPT)  # their group ids
         # the attack benchmark's baseline: hivemind's own reducer (any part, any weight, the mean)
         self.unchecked = fault_active("defences-off")
+        attack = active_attack()  # the attack benchmark's bad reducer: it lies in every round it reduces
+        self.lie = attack if attack in REDUCER_LIES else None
         super().__init__(*args, **kwargs)
 
     async def _step(self, **kwargs):
@@ -345,7 +400,7 @@ class CheckedReduction:
         kwargs.setdefault("modes", tuple(AveragingMode(entry[1]) for entry in announced))
         # dedloc's split of the vector replaces hivemind's (computed from the same gathered data)
         kwargs["peer_fractions"] = reduction_shares(self.total_size, [(b, AveragingMode(m)) for b, m, _ in announced])
-        if self.unchecked:
+        if self.unchecked and self.lie is None:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         step, labels = gathered_steps(announced, self.serializer)
         apart = sorted(str(label) for label in labels if step is not None and label != step)
@@ -375,6 +430,7 @@ class CheckedReduction:
             max_weight=self.max_weight,
             clip_tau=self.clip_tau,
             left_out=left_out,
+            lie=self.lie,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
