@@ -8,7 +8,9 @@ attacker (the clean run), then, for every attack, twice with peer-1 attacking: w
 (``aggregation = "centered_clip"`` plus the reducer's checks on parts and weights, see
 docs/security.md) and off (hivemind's own reducer: any part, any claimed weight, the plain mean).
 The clean run is the default run (the checked mean). The attacks (``dedloc.faults.ATTACKS``): sign flip × 1000, a random direction with 1000 × the
-gradient's norm, NaN gradients, an honest gradient with a 1000 × claimed weight.
+gradient's norm, NaN gradients, an honest gradient with a 1000 × claimed weight; and, as a reducer
+(``reducer-nan``, ``reducer-scale``, not in the default list), NaN or 1000 × the true average in the
+answers it sends back for its share of every round.
 
 Prints one row per run: the coordinator's held-out loss at the last step, its ratio to the clean
 run's, and the steps the run finished. Writes ``attack.json``. The target: with the defences on, within
