@@ -3,6 +3,7 @@
 sender timeout (reducer timeout: twice that); the first member (no MADDR) prints its DHT's multiaddr
 first. Prints the vector's min and max after the round (or ``failed ...``), then runs until stdin closes."""
 
+import logging
 import sys
 
 import hivemind
@@ -17,6 +18,8 @@ class Averager(CheckedReduction, ReducerShares, hivemind.averaging.Decentralized
 
 
 def main(host: str, mbps: str, value: str, size: str, sender_timeout: str, maddr: str = "") -> None:
+    # a failed exchange with a groupmate is logged at debug level only: stderr, shown when a test fails
+    logging.getLogger("hivemind.averaging.allreduce").setLevel(logging.DEBUG)
     dht = hivemind.DHT(host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=[maddr] if maddr else [],
                        nat_port_map=False, auto_nat=False, start=True)
     if not maddr:

@@ -73,14 +73,17 @@ def test_a_slow_uplink_gets_a_sender_timeout_it_can_meet(network):
         second = subprocess.Popen(slow.command([sys.executable, NODE, slow.address, "1", "3", str(size), "1", maddr]),
                                   **pipes)
         results = {name: node.stdout.readline().strip() for name, node in (("fast", first), ("slow", second))}
+        logs = {}
         for name, node in (("fast", first), ("slow", second)):
-            _, err = node.communicate("", timeout=60)
-            assert node.returncode == 0 and results[name], (name, results[name], err[-3000:])
+            _, logs[name] = node.communicate("", timeout=60)
+            assert node.returncode == 0 and results[name], (name, results[name], logs[name][-3000:])
         print(f"after the round (min max): {results}")
+        context = "\n".join(f"--- {name} (its all-reduce log, debug) ---\n{log[-4000:]}" for name, log in logs.items())
         for name, line in results.items():
-            assert not line.startswith("failed"), (name, line)
+            assert not line.startswith("failed"), (name, line, context)
             low, high = map(float, line.split())
-            assert low == pytest.approx(2.0) and high == pytest.approx(2.0), results  # the mean of 1 and 3
+            # the mean of 1 and 3
+            assert low == pytest.approx(2.0) and high == pytest.approx(2.0), f"{results}\n{context}"
     finally:
         for node in (first, second):
             if node is not None and node.poll() is None:
