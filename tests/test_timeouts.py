@@ -16,8 +16,8 @@ import torch
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
 
 from dedloc.swarm.optimizer import ReducerShares
-from dedloc.swarm.timeouts import (MAX_STRETCH, SAFETY, averaging_timeout_floor, round_sender_timeout, slowest_uplink,
-                                   transfer_seconds, wire_bytes)
+from dedloc.swarm.timeouts import (MAX_STRETCH, SAFETY, averaging_timeout_floor, round_reducer_timeout,
+                                   round_sender_timeout, slowest_uplink, transfer_seconds, wire_bytes)
 
 NODE = str(Path(__file__).with_name("averaging_node.py"))
 PART = 2**19  # hivemind's part size (bytes on the wire)
@@ -52,12 +52,24 @@ def test_the_averaging_timeout_follows_the_round_volume_and_uplink():
     assert averaging_timeout_floor(30.0, 8e6, 1e-30) == MAX_STRETCH * 30.0
 
 
+def test_the_reducer_timeout_allows_for_the_vector_over_the_slowest_uplink():
+    assert round_reducer_timeout(10.0, 5.0, 4e6, None) == 10.0  # nobody announced: twice the sender timeout
+    assert round_reducer_timeout(10.0, 12.0, 4e6, None) == 24.0  # a raised sender timeout raises it
+    assert round_reducer_timeout(10.0, 5.0, 4e6, 20.0) == 10.0  # 4 MB at 20 Mbit/s: 1.6 s, × 3 < 10
+    # 2 MB at 1 Mbit/s: a reducer's first answer can wait behind 16.8 s of parts
+    assert round_reducer_timeout(10.0, 5.0, 2 * 2**20, 1.0) == pytest.approx(SAFETY * transfer_seconds(2 * 2**20, 1.0))
+    assert round_reducer_timeout(4.0, 2.0, 4e9, 1.0) == MAX_STRETCH * 4.0  # a crawl stretches it 10 × at most
+    assert round_reducer_timeout(4.0, 30.0, 4e9, 1.0) == 60.0  # never below twice the sender timeout
+
+
 @pytest.mark.timeout(240)
 def test_a_slow_uplink_gets_a_sender_timeout_it_can_meet(network):
-    """Two members, one on a 1-Mbit/s uplink (announced), with a configured sender timeout of 1 s: a
-    512-KiB chunk takes ~4.2 s there. The round's sender timeout follows the slow member's upload, so
-    both end with the mean; with the configured 1 s the fast member drops the slow one (its chunks
-    come too late) and keeps its own numbers."""
+    """Two members, one on a 1-Mbit/s uplink (announced), with a configured sender timeout of 2 s: a
+    512-KiB chunk takes ~4.2 s there. The round's sender timeout follows the slow member's upload
+    (12.6 s), and so does the wait for the slow reducer's answer, which leaves behind the slow member's
+    own parts (~17 s: 40 s allowed, the 10 × cap of the configured 4 s). Both end with the mean; with
+    the configured timeouts the fast member would drop the slow one (its chunks come too late) and keep
+    its own numbers. (With 1 s configured, CI once saw the answer miss the 20-s cap.)"""
     fast = network.add_host("fast", up_mbit=50, down_mbit=50)
     slow = network.add_host("slow", up_mbit=1, down_mbit=50)
     size = 4 * PART // 4  # four parts of fp32 numbers: 2 MB
@@ -65,12 +77,12 @@ def test_a_slow_uplink_gets_a_sender_timeout_it_can_meet(network):
     # until both have printed and the test closes their stdin; a node always prints within its 150-s
     # step timeout, or exits (an empty line here)
     pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = subprocess.Popen(fast.command([sys.executable, NODE, fast.address, "20", "1", str(size), "1"]), **pipes)
+    first = subprocess.Popen(fast.command([sys.executable, NODE, fast.address, "20", "1", str(size), "2"]), **pipes)
     second = None
     try:
         maddr = first.stdout.readline().strip()
         assert "/p2p/" in maddr, first.stderr.read()[-2000:] if first.poll() is not None else maddr
-        second = subprocess.Popen(slow.command([sys.executable, NODE, slow.address, "1", "3", str(size), "1", maddr]),
+        second = subprocess.Popen(slow.command([sys.executable, NODE, slow.address, "1", "3", str(size), "2", maddr]),
                                   **pipes)
         results = {name: node.stdout.readline().strip() for name, node in (("fast", first), ("slow", second))}
         logs = {}

@@ -43,7 +43,8 @@ from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
 from dedloc.swarm.reduction import CheckedReduction
-from dedloc.swarm.timeouts import averaging_timeout_floor, round_sender_timeout, slowest_uplink, wire_bytes
+from dedloc.swarm.timeouts import (averaging_timeout_floor, round_reducer_timeout, round_sender_timeout, slowest_uplink,
+                                   wire_bytes)
 from dedloc.swarm.weight_bound import PublishedProgress
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
@@ -158,10 +159,12 @@ class ReducerShares:
             sender_timeout = round_sender_timeout(kwargs["sender_timeout"],
                                                   kwargs.get("part_size_bytes", DEFAULT_PART_SIZE_BYTES),
                                                   group_info.group_size, slowest)
-            if sender_timeout > kwargs["sender_timeout"]:
-                kwargs["sender_timeout"] = sender_timeout
-                if kwargs.get("reducer_timeout") is not None:
-                    kwargs["reducer_timeout"] = max(kwargs["reducer_timeout"], 2 * sender_timeout)
+            kwargs["sender_timeout"] = max(kwargs["sender_timeout"], sender_timeout)
+            # a reducer's answers queue behind the parts it sends through the same uplink
+            if kwargs.get("reducer_timeout") is not None:
+                round_bytes = wire_bytes(self.total_size, kwargs["compression"]) if "compression" in kwargs else 0.0
+                kwargs["reducer_timeout"] = round_reducer_timeout(kwargs["reducer_timeout"], kwargs["sender_timeout"],
+                                                                  round_bytes, slowest)
         # ... and a round as a whole may take longer than the configured timeout allows: this averager's
         # later rounds get the time the slowest uplink it averaged with needs (this one's deadline is set)
         if slowest is not None and "compression" in kwargs:

@@ -9,6 +9,11 @@ Two timeouts decide whether a round on a slow link completes:
   ``part_size_bytes × (group size − 1) / uplink``: 512 KiB to three groupmates at 2 Mbit/s is 6.3 s,
   past the default 5 s. Each round derives it from the slowest uplink its members announced
   (:func:`round_sender_timeout`);
+- the **reducer timeout**, how long a member waits for a reducer's next answer before it keeps its own
+  numbers for the rest of that reducer's share. A reducer's first answer leaves through the same
+  uplink as the parts it sends to everyone, and queues behind those already buffered — on a slow link
+  up to the whole vector — so each round allows the time the vector takes over the slowest uplink,
+  and at least twice the sender timeout (:func:`round_reducer_timeout`);
 - the **averaging timeout**, after which a round is abandoned. A member's round moves at most twice
   the vector through its uplink (the all-reduce's 2(n−1)/n·M, below 2M), so a peer derives a floor
   from its own measured upload and the size of what it averages (:func:`averaging_timeout_floor`).
@@ -61,6 +66,18 @@ def round_sender_timeout(configured: float, part_size_bytes: int, group_size: in
         return configured
     chunk = transfer_seconds(part_size_bytes * (group_size - 1), slowest_mbps)
     return min(max(configured, SAFETY * chunk), MAX_STRETCH * configured)
+
+
+def round_reducer_timeout(configured: float, sender_timeout: float, round_bytes: float,
+                          slowest_mbps: Optional[float]) -> float:
+    """The reducer timeout for one round: ``configured``, or more — at least twice the round's
+    ``sender_timeout``, and where the slowest uplink needs longer for ``round_bytes`` (the vector on the
+    wire; a reducer's first answer can queue behind that much), that time, up to :data:`MAX_STRETCH` ×
+    ``configured``."""
+    seconds = max(configured, 2 * sender_timeout)
+    if slowest_mbps is not None and round_bytes > 0:
+        seconds = max(seconds, min(SAFETY * transfer_seconds(round_bytes, slowest_mbps), MAX_STRETCH * configured))
+    return seconds
 
 
 def wire_bytes(total_size: int, compression: CompressionBase) -> float:
