@@ -184,7 +184,11 @@ def test_centered_clip_rounds_survive_an_outlier_that_wrecks_the_mean():
     clipped = _average(values, weights=[1.0] * 4, reduces=reduces, aggregation="centered_clip")
     assert all(abs(float(t.mean()) - 1.0) < 0.1 for t in clipped), [float(t.mean()) for t in clipped]
     mean = _average(values, weights=[1.0] * 4, reduces=reduces)
-    assert all(float(t.mean()) > 200 for t in mean)
+    # the mean wrecks the honest member that reduced it (its own answer is not checked); the others
+    # refuse that answer, 250 × their own values, and keep their own
+    wrecked = [float(t.max()) > 200 for t in mean[:3]]
+    assert any(wrecked), [float(t.max()) for t in mean]
+    assert all(torch.equal(t, torch.full((4096,), v)) for t, v, w in zip(mean, values, wrecked) if not w)
 
 
 def test_the_step_of_a_round_is_the_one_most_senders_are_at():
@@ -214,16 +218,28 @@ def test_senders_that_all_weigh_nothing_get_their_plain_mean():
     assert all(torch.allclose(t, torch.full((4096,), 2.0)) for t in tensors), [float(t.mean()) for t in tensors]
 
 
-def test_an_average_a_reducer_sends_back_with_nan_is_dropped():
-    """A member's reducer answers NaN (the attack benchmark's bad reducer, reducing the whole vector here):
-    the others keep their own values instead; the liar itself, whose own answer is true, gets the mean.
-    With the checks off (hivemind's runner) the NaN reaches them."""
+@pytest.mark.parametrize("lie", ["attack-reducer-nan", "attack-reducer-scale"])
+def test_an_average_a_reducer_sends_back_with_nan_or_a_thousandfold_size_is_dropped(lie):
+    """A member's reducer answers NaN, or 1000 × the true average (the attack benchmark's bad reducer,
+    reducing the whole vector here): the others keep their own values instead; the liar itself, whose
+    own answer is true, gets the mean. With the checks off (hivemind's runner) the lie reaches them."""
     values, reduces = [1.0, 3.0, 5.0], [False, False, True]
-    liar = [None, None, "attack-reducer-nan"]
-    tensors = _average(values, weights=[1.0] * 3, reduces=reduces, faults=liar)
+    tensors = _average(values, weights=[1.0] * 3, reduces=reduces, faults=[None, None, lie])
     for tensor, value in zip(tensors[:2], values):
         assert torch.equal(tensor, torch.full((4096,), value)), tensor[:4]
     assert torch.allclose(tensors[2], torch.full((4096,), 3.0)), tensors[2][:4]
 
-    unchecked = _average(values, weights=[1.0] * 3, reduces=reduces, faults=["defences-off", "defences-off", liar[2]])
-    assert all(bool(torch.isnan(tensor).all()) for tensor in unchecked[:2])
+    unchecked = _average(values, weights=[1.0] * 3, reduces=reduces, faults=["defences-off", "defences-off", lie])
+    if lie == "attack-reducer-nan":
+        assert all(bool(torch.isnan(tensor).all()) for tensor in unchecked[:2])
+    else:
+        assert all(torch.allclose(tensor, torch.full((4096,), 3000.0)) for tensor in unchecked[:2])
+
+
+def test_an_honest_average_far_larger_than_a_members_own_values_is_taken():
+    """Sizes are judged against the receiver's own values: 50 × its own (0.02 against a mean of 1.01)
+    is within the bound, and a member holding only zeros cannot judge sizes at all."""
+    tensors = _average([0.02, 2.0], weights=[1.0, 1.0], reduces=[False, True])
+    assert all(torch.allclose(t, torch.full((4096,), 1.01)) for t in tensors), [float(t.mean()) for t in tensors]
+    tensors = _average([0.0, 2.0], weights=[1.0, 1.0], reduces=[False, True])
+    assert all(torch.allclose(t, torch.full((4096,), 1.0)) for t in tensors), [float(t.mean()) for t in tensors]

@@ -16,9 +16,10 @@ claims. :class:`CheckedPartReducer` instead
   (and how much weight it carries).
 
 :class:`CheckedAllReduceRunner` checks what each member's reducer sends back, too: an average of the
-wrong shape, or with NaN or infinite values, is dropped — the member keeps its own values for that
-reducer's span, as when a reducer vanishes, and the reducer is banned from the round as a sender. (An
-average that is finite and well-formed but false is not caught: see docs/security.md.)
+wrong shape, with NaN or infinite values, or over :data:`ANSWER_BOUND` × the size of what the member
+sent for that part, is dropped — the member keeps its own values for that reducer's span, as when a
+reducer vanishes, and the reducer is banned from the round as a sender. (A false average of plausible
+size is not caught: see docs/security.md.)
 
 It also keeps a refused member from holding up a round: a sender banned
 in one all-reduce of a round is left out of the round's later ones (PowerSGD's two phases), and a
@@ -260,13 +261,29 @@ class RejectedAverage(AllreduceException):
     """What a member's reducer sent back cannot be the average of its span (wrong shape, not finite)."""
 
 
-def average_problem(received: torch.Tensor, sent: torch.Tensor) -> Optional[str]:
-    """Why ``received`` (a reducer's answer for the part ``sent``: the average, or its difference from
-    ``sent``) cannot be the average of that part, or None."""
-    if tuple(received.shape) != tuple(sent.shape):
-        return f"shape {tuple(received.shape)} for a part of shape {tuple(sent.shape)}"
-    if not bool(torch.isfinite(received).all()):
+ANSWER_BOUND = 100.0
+"""A reducer's answer for a part whose norm is more than this many times what the receiving member
+sent for it is refused (see :func:`average_problem`)."""
+
+
+def average_problem(delta: torch.Tensor, sent: torch.Tensor, rms: float) -> Optional[str]:
+    """Why ``delta`` (a reducer's answer for the part ``sent``: the average's difference from ``sent``)
+    cannot be the average of that part, or None. Besides its shape and finiteness: the average may be
+    at most :data:`ANSWER_BOUND` × as large as the part sent, counted no smaller than a part of its size
+    at ``rms`` (the root mean square of the whole vector the receiver sent: a slice of its own that is
+    all but zero, e.g. embedding rows its batch never used, can still take the others' values). The
+    members of a round hold the same model and data stream, so an honest average is of the size of
+    each member's own values; a lie 1000 × the true average is not. A receiver that sent nothing but
+    zeros (``rms`` 0) cannot judge sizes and checks the rest only."""
+    if tuple(delta.shape) != tuple(sent.shape):
+        return f"shape {tuple(delta.shape)} for a part of shape {tuple(sent.shape)}"
+    if not bool(torch.isfinite(delta).all()):
         return "NaN or infinite values"
+    if rms > 0:
+        scale = max(float(sent.float().norm()), rms * math.sqrt(sent.numel()))
+        size = float((sent.float() + delta.float()).norm())
+        if size > ANSWER_BOUND * scale:
+            return f"an average {size / scale:.0f} × the size of this peer's own part (at most {ANSWER_BOUND:.0f} ×)"
     return None
 
 
@@ -312,10 +329,13 @@ class CheckedAllReduceRunner(AllReduceRunner):
         container = self.tensor_part_container
         register = container.register_processed_part
         own = self.ordered_peer_ids.index(self.peer_id)
+        numel = sum(tensor.numel() for tensor in container.local_tensors)
+        squares = sum(float(tensor.detach().float().square().sum()) for tensor in container.local_tensors)
+        rms = math.sqrt(squares / numel) if numel and math.isfinite(squares) else 0.0
 
         def register_checked(peer_index: int, part_index: int, part: torch.Tensor) -> None:
             if peer_index != own and part_index < len(container._input_parts_by_peer[peer_index]):
-                problem = average_problem(part, container._input_parts_by_peer[peer_index][part_index][0])
+                problem = average_problem(part, container._input_parts_by_peer[peer_index][part_index][0], rms)
                 if problem is not None:
                     raise RejectedAverage(f"part {part_index} came back with {problem}")
             register(peer_index, part_index, part)
