@@ -364,8 +364,17 @@ def test_a_late_joiner_catches_up_and_a_peer_vanishes_in_the_final_round(lab):
     # state of step 5 arrived at step 6, and the swarm was at step 8 when it took it), then receives a state average
     assert contributing and contributing[0]["step"] <= joined[0]["step"] + 5, evidence
 
+    # hivemind forms groups by time, not by step (docs/reliability.md, open defects): a joiner whose
+    # round landed in the others' next one (it logs "… holds 1 of 2 members at another step") holds the
+    # others' parameters of a neighbouring step until the state rounds bring the step counts together
+    # (CI, 2026-11-29: its step-9 line 1.0e-3 from a peer's step 10, 1.2e-2 from their step 9), as the
+    # partition scenario allows after such a round
+    mixed = "members at another step" in log[downloaded.end():]
+    reach = 1 if mixed else 0
+
     def level(line, tolerance):
-        return any(math.isclose(line["params"], params, rel_tol=tolerance) for params in theirs.get(line["step"], []))
+        return any(math.isclose(line["params"], params, rel_tol=tolerance)
+                   for step in range(line["step"] - reach, line["step"] + reach + 1) for params in theirs.get(step, []))
 
     # a state average made it level before it contributed: a step line from its first round up to its
     # first contributing step holds the others' parameters (measured 1.4e-4 … 1.3e-3 apart; the
