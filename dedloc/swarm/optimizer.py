@@ -155,6 +155,7 @@ class ReducerShares:
         # a groupmate's chunks cross its uplink to every other member at once: on slow uplinks they
         # take longer than the configured sender timeout, and the round would go on without them
         slowest = slowest_uplink(bandwidths)
+        round_bytes = wire_bytes(self.total_size, kwargs["compression"]) if "compression" in kwargs else 0.0
         if "sender_timeout" in kwargs and kwargs["sender_timeout"] is not None:
             sender_timeout = round_sender_timeout(kwargs["sender_timeout"],
                                                   kwargs.get("part_size_bytes", DEFAULT_PART_SIZE_BYTES),
@@ -162,13 +163,12 @@ class ReducerShares:
             kwargs["sender_timeout"] = max(kwargs["sender_timeout"], sender_timeout)
             # a reducer's answers queue behind the parts it sends through the same uplink
             if kwargs.get("reducer_timeout") is not None:
-                round_bytes = wire_bytes(self.total_size, kwargs["compression"]) if "compression" in kwargs else 0.0
                 kwargs["reducer_timeout"] = round_reducer_timeout(kwargs["reducer_timeout"], kwargs["sender_timeout"],
                                                                   round_bytes, slowest)
         # ... and a round as a whole may take longer than the configured timeout allows: this averager's
         # later rounds get the time the slowest uplink it averaged with needs (this one's deadline is set)
         if slowest is not None and "compression" in kwargs:
-            raised = self.allow_round_bytes(wire_bytes(self.total_size, kwargs["compression"]), slowest)
+            raised = self.allow_round_bytes(round_bytes, slowest)
             if raised is not None:
                 logger.info(f"averaging rounds may take up to {raised:.0f} s from now on: a groupmate's uplink "
                             f"is {slowest:.1f} Mbit/s")

@@ -258,7 +258,7 @@ class RejectedPart(AllreduceException):
 
 
 class RejectedAverage(AllreduceException):
-    """What a member's reducer sent back cannot be the average of its span (wrong shape, not finite)."""
+    """What a member's reducer sent back cannot be the average of its span (see :func:`average_problem`)."""
 
 
 ANSWER_BOUND = 100.0
