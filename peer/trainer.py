@@ -694,5 +694,6 @@ class PeerTrainer:
         elif status is not None and status.finished:
             logger.info(
                 f"the run is finished at step {status.final_step}; final checkpoint at step "
-                f"{status.checkpoint_step}. Contributed {self.samples_contributed} samples. Thank you!"
+                f"{status.checkpoint_step}, this peer ends with params={parameter_fingerprint(self.task.model):.10g}. "
+                f"Contributed {self.samples_contributed} samples. Thank you!"
             )

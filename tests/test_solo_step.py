@@ -97,6 +97,18 @@ def test_a_failed_round_steps_on_this_peers_own_gradients(swarm):
         assert torch.allclose(stepped, wanted, atol=1e-6), (stepped, wanted)
 
 
+def test_a_state_stepped_alone_is_offered_after_the_swarms(swarm):
+    """The state this peer stepped to on its own gradients is no state of the swarm's: it is offered for
+    download below the step's priority (a peer that averaged at that step is asked first), above the
+    previous step's. (hivemind sets the next step's priority itself when this peer steps again.)"""
+    assert swarm.opt.state_averager.state_sharing_priority == 0
+    swarm.fill_the_batch()
+    swarm.accumulate()  # the round finds no group: a step alone
+    assert swarm.opt.local_epoch == 1 and swarm.opt.solo_steps == 1
+    assert swarm.opt.state_averager.state_sharing_priority == 0.5
+    assert swarm.opt.grad_averager.state_sharing_priority == 0.5
+
+
 def test_no_round_begins_at_the_runs_last_step(swarm):
     """A peer that got to the last step (for instance by taking the swarm's step) begins no round,
     which would find nobody and step past the end alone."""

@@ -592,6 +592,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     outer: Optional[OuterStep] = None  # DiLoCo mode's outer step
     _downloaded_now = False  # a state download happened inside the current step() call
     _delayed_round = False  # a gradient round of delayed updates ends in the background thread now
+    _solo_step_under_way = False  # the step being taken is on this peer's own gradients only
     state_averager: CheckedStateAverager
     grad_averager: Optional[ReportingGradientAverager]  # None in DiLoCo mode
 
@@ -813,7 +814,11 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._hold_step_until_round_ends()
         if overlapped:
             averager.begin_outer_round(self.outer, held_step + 1, on_applied=self._publish_step)
+        self._solo_step_under_way = False
         super()._update_global_epoch(grad_scaler)
+        if self._solo_step_under_way and self.local_epoch > held_step:
+            self._offer_state_last()
+        self._solo_step_under_way = False
         if delayed and not self._began_round:
             self._publish_step()  # no round began, so none will end and show the new step
         if overlapped and averager.pending_updates and self.local_epoch > held_step:
@@ -827,6 +832,19 @@ class SwarmOptimizer(hivemind.Optimizer):
             averager._log_outer_step(self.local_epoch, moved)
 
     _began_round = False  # whether the step under way began a gradient round (delayed updates)
+
+    def _offer_state_last(self) -> None:
+        """This peer stepped on its own gradients: its state of this step is no state the swarm holds.
+        It is served (to newcomers, to the coordinator's checkpoints) only when no peer that averaged
+        at this step answers — hivemind's downloads ask donors in order of their sharing priority, which
+        stays below this step's until this peer's next step. Once (locally): a straggler stepped alone into
+        the last step and the final checkpoint, and so every peer, ended with its model."""
+        if self.client_mode:
+            return
+        priority = self.local_epoch - 0.5
+        self.state_averager.state_sharing_priority = priority
+        if self.grad_averager is not None:
+            self.grad_averager.state_sharing_priority = priority
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         self._began_round = super()._begin_averaging_gradients(grad_scaler)
@@ -887,6 +905,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
             self.solo_steps += 1
             logger.info(f"stepping with this peer's own gradients only ({samples} samples): averaging with the others failed")
+            if self._delayed_round:  # the step was taken already; this round's update lands on it now
+                self._offer_state_last()
+            else:
+                self._solo_step_under_way = True
         if failed_round:
             # hivemind 1.1.12 would load the reset accumulators here (no issue filed upstream): a step
             # on zero gradients, i.e. on Adam's momentum alone. The buffers hold the round's gradients
