@@ -905,7 +905,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
             self.solo_steps += 1
             logger.info(f"stepping with this peer's own gradients only ({samples} samples): averaging with the others failed")
-            if self._delayed_round:  # the step was taken already; this round's update lands on it now
+            if self._delayed_round:  # hivemind counted the step (and set its priority) when it began
                 self._offer_state_last()
             else:
                 self._solo_step_under_way = True
