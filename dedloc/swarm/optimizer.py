@@ -592,7 +592,6 @@ class SwarmOptimizer(hivemind.Optimizer):
     outer: Optional[OuterStep] = None  # DiLoCo mode's outer step
     _downloaded_now = False  # a state download happened inside the current step() call
     _delayed_round = False  # a gradient round of delayed updates ends in the background thread now
-    _solo_step_under_way = False  # the step being taken is on this peer's own gradients only
     state_averager: CheckedStateAverager
     grad_averager: Optional[ReportingGradientAverager]  # None in DiLoCo mode
 
@@ -791,10 +790,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.state_averager.local_epoch = swarm_step
         self.state_averager.receive_next_average()
         self.tracker.report_local_progress(local_epoch=swarm_step, samples_accumulated=0)
-        if not self.client_mode:
-            self.state_averager.state_sharing_priority = held_step
-            if self.grad_averager is not None:
-                self.grad_averager.state_sharing_priority = held_step
+        self._share_state_as(held_step)
 
     def _update_global_epoch(self, grad_scaler) -> None:
         if self._sitting_out == self.local_epoch and self.tracker.global_progress.num_peers > 1:
@@ -814,11 +810,10 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._hold_step_until_round_ends()
         if overlapped:
             averager.begin_outer_round(self.outer, held_step + 1, on_applied=self._publish_step)
-        self._solo_step_under_way = False
+        solo_steps = self.solo_steps
         super()._update_global_epoch(grad_scaler)
-        if self._solo_step_under_way and self.local_epoch > held_step:
-            self._offer_state_last()
-        self._solo_step_under_way = False
+        if self.solo_steps > solo_steps and self.local_epoch > held_step and not delayed:
+            self._share_state_as(self.local_epoch - 0.5)  # stepped alone: see _load_local_gradients_into_optimizer
         if delayed and not self._began_round:
             self._publish_step()  # no round began, so none will end and show the new step
         if overlapped and averager.pending_updates and self.local_epoch > held_step:
@@ -833,15 +828,12 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     _began_round = False  # whether the step under way began a gradient round (delayed updates)
 
-    def _offer_state_last(self) -> None:
-        """This peer stepped on its own gradients: its state of this step is no state the swarm holds.
-        It is served (to newcomers, to the coordinator's checkpoints) only when no peer that averaged
-        at this step answers — hivemind's downloads ask donors in order of their sharing priority, which
-        stays below this step's until this peer's next step. Once (locally): a straggler stepped alone into
-        the last step and the final checkpoint, and so every peer, ended with its model."""
+    def _share_state_as(self, priority: float) -> None:
+        """Offer this peer's state for download at ``priority`` (hivemind asks donors in its order; it
+        sets the step itself at every step) until hivemind's next step sets it again. A client-mode peer
+        serves no state."""
         if self.client_mode:
             return
-        priority = self.local_epoch - 0.5
         self.state_averager.state_sharing_priority = priority
         if self.grad_averager is not None:
             self.grad_averager.state_sharing_priority = priority
@@ -905,10 +897,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
             self.solo_steps += 1
             logger.info(f"stepping with this peer's own gradients only ({samples} samples): averaging with the others failed")
-            if self._delayed_round:  # hivemind counted the step (and set its priority) when it began
-                self._offer_state_last()
-            else:
-                self._solo_step_under_way = True
+            # a state stepped alone is no state the swarm holds: it is offered half a step below its
+            # step, so a peer that averaged is asked first (once, locally, a straggler's solo step became
+            # the final checkpoint and every peer's model). Synchronous: set in _update_global_epoch once
+            # the step is counted; delayed updates: hivemind counted it when the step began
+            if self._delayed_round:
+                self._share_state_as(self.local_epoch - 0.5)
         if failed_round:
             # hivemind 1.1.12 would load the reset accumulators here (no issue filed upstream): a step
             # on zero gradients, i.e. on Adam's momentum alone. The buffers hold the round's gradients
