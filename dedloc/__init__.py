@@ -8,4 +8,4 @@ __version__ = "0.1.0"
 
 # Version of what peers and the coordinator exchange through the DHT (record layouts, key names,
 # the meaning of the run config). Bump it on any incompatible change: peers refuse other versions.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5

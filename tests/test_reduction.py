@@ -4,6 +4,7 @@ averagers on a local DHT whose rounds reject non-finite parts, bound claimed wei
 from __future__ import annotations
 
 import concurrent.futures
+import types
 from typing import Optional
 
 import hivemind
@@ -18,6 +19,7 @@ from dedloc.faults import ENV
 from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.optimizer import ReducerShares
 from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights, round_step
+from dedloc.swarm.step_groups import StepKeyedGroups, gathered_step, step_group_bits
 from dedloc.swarm.weight_bound import Progress, PublishedProgress, claim_bound, parse_progress
 from helpers import local_dhts
 
@@ -74,15 +76,17 @@ def test_no_sender_outweighs_the_median_claim():
     assert torch.equal(centered_clip(torch.stack([gradient, torch.zeros(1000)]), torch.tensor([1.0, 0.0])), gradient)
 
 
-class _Averager(CheckedReduction, ReducerShares, hivemind.averaging.DecentralizedAverager):
+class _Averager(StepKeyedGroups, CheckedReduction, ReducerShares, hivemind.averaging.DecentralizedAverager):
     pass
 
 
 def _average(values: list[float], weights: list[float], reduces: list[bool], steps: Optional[list] = None,
-             dhts: Optional[list] = None, faults: Optional[list] = None, **reduction) -> list[torch.Tensor]:
+             dhts: Optional[list] = None, faults: Optional[list] = None, failing: tuple[int, ...] = (),
+             timeout: float = 40.0, **reduction) -> list[torch.Tensor]:
     """One round of real averagers on a local DHT (``dhts``, shut down here; default: fresh ones), each
     holding a vector filled with its value (and gathering its entry of ``steps``, as the state averager
-    gathers its step; and built with its entry of ``faults`` as ``DEDLOC_FAULTS``)."""
+    gathers its step; and built with its entry of ``faults`` as ``DEDLOC_FAULTS``). Every member's
+    round must succeed but those at the indices in ``failing``, whose rounds must fail."""
     steps = steps or [None] * len(values)
     faults = faults or [None] * len(values)
     dhts = dhts or local_dhts(len(values))
@@ -100,10 +104,16 @@ def _average(values: list[float], weights: list[float], reduces: list[bool], ste
             averager.announce(reduces=reducing)
             averager.run_in_background(await_ready=True)
             averagers.append(averager)
+        def step(averager, weight, step):
+            try:
+                return averager.step(weight=weight, gather=step, timeout=timeout)
+            except Exception:  # the round failed (hivemind raises what ended it)
+                return None
+
         with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
-            results = list(pool.map(lambda args: args[0].step(weight=args[1], gather=args[2], timeout=40),
-                                    zip(averagers, weights, steps)))
-        assert all(result is not None for result in results), "the averaging round failed"
+            results = list(pool.map(lambda args: step(*args), zip(averagers, weights, steps)))
+        failed = tuple(index for index, result in enumerate(results) if result is None)
+        assert failed == tuple(failing), f"the rounds of members {failed} failed, expected {failing} to"
         tensors = []
         for averager in averagers:
             with averager.get_tensors() as (tensor,):
@@ -204,11 +214,30 @@ def test_the_step_of_a_round_is_the_one_most_senders_are_at():
     assert round_step([]) is None
 
 
-def test_members_at_different_steps_average_as_ever():
-    """Steps are told and logged, not acted on: a round of members at steps 8, 8 and 7 averages all three."""
+def test_members_at_different_steps_never_meet():
+    """Members at steps 8, 8 and 7 look for a group at once: the two at step 8 average (2.0), the one at
+    step 7 finds nobody and keeps its own values (11.0). Under hivemind's one key all three met (5.0)."""
     values, reduces = [1.0, 3.0, 11.0], [True, True, True]
-    tensors = _average(values, weights=[1.0] * 3, reduces=reduces, steps=[8, 8, 7])
-    assert all(torch.allclose(t, torch.full((4096,), 5.0)) for t in tensors), [float(t.mean()) for t in tensors]
+    tensors = _average(values, weights=[1.0] * 3, reduces=reduces, steps=[8, 8, 7], failing=(2,), timeout=12.0)
+    means = [float(t.mean()) for t in tensors]
+    assert means == pytest.approx([2.0, 2.0, 11.0]), means
+    # members that gather no step (plain averagers) keep hivemind's key and meet as ever
+    tensors = _average(values, weights=[1.0] * 3, reduces=reduces)
+    assert [float(t.mean()) for t in tensors] == pytest.approx([5.0] * 3)
+
+
+def test_the_group_key_holds_the_step_gathered():
+    serializer = hivemind.utils.MSGPackSerializer
+    control = types.SimpleNamespace()  # what gathered_step reads of hivemind's StepControl
+    for step, bits in [(7, "111"), (0, "0"), (2**20 + 5, "101")]:
+        control.data_for_gather = serializer.dumps([None, 0, serializer.dumps(step)])
+        assert gathered_step(control, serializer) == step
+        assert step_group_bits(step) == bits.rjust(20, "0")
+    for junk in [None, "8", 8.0, True, -1, [8]]:
+        control.data_for_gather = serializer.dumps([None, 0, serializer.dumps(junk)])
+        assert gathered_step(control, serializer) is None, junk
+    control.data_for_gather = b"not msgpack"
+    assert gathered_step(control, serializer) is None
 
 
 def test_senders_that_all_weigh_nothing_get_their_plain_mean():

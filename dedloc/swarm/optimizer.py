@@ -43,6 +43,7 @@ from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
 from dedloc.swarm.reduction import CheckedReduction
+from dedloc.swarm.step_groups import StepKeyedGroups
 from dedloc.swarm.timeouts import (averaging_timeout_floor, round_reducer_timeout, round_sender_timeout, slowest_uplink,
                                    wire_bytes)
 from dedloc.swarm.weight_bound import PublishedProgress
@@ -192,7 +193,7 @@ def _with_reducers(group_info: GroupInfo, serializer) -> GroupInfo:
     return dataclasses.replace(group_info, gathered=gathered)
 
 
-class ReportingGradientAverager(AdmittedPeersOnly, CheckedReduction, ReducerShares, GradientAverager):
+class ReportingGradientAverager(AdmittedPeersOnly, StepKeyedGroups, CheckedReduction, ReducerShares, GradientAverager):
     """hivemind's gradient averager, logging (at info) when this peer begins a gradient-averaging round:
     an operator sees where a stall happens, and fault tests use the line as their cue.
 
@@ -585,6 +586,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     """
 
     solo_steps = 0
+    steps_apart = 0  # steps taken after a failed gradient round: solo steps, and those with no samples
     samples_accumulated_total = 0
     _downloaded_epoch: Optional[int] = None  # step of the state last downloaded, until this peer contributes
     _sitting_out: Optional[int] = None  # a step taken from the swarm whose averaging rounds this peer sits out
@@ -753,10 +755,10 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _sit_out_round(self, step: int) -> None:
         """The state of ``step`` arrived while the others average for the step after it: their round
-        forms its group without this peer. hivemind matches gradient rounds by time, not by step, so a
-        peer that joined the swarm's next round while still at ``step`` would apply the others' next
-        gradients to a state one update short, and stay one phase behind for good. Instead it sits the
-        round out, accumulating nothing, takes the swarm's step when the round is over (see
+        forms its group without this peer, and a round of this peer's at ``step`` would find nobody
+        (gradient rounds meet by step, :mod:`dedloc.swarm.step_groups`) and cost it the averaging
+        timeout. Instead it sits the round out, accumulating nothing, takes the swarm's step when the
+        round is over (see
         :meth:`_should_load_state_from_peers`) and is made level by the next state average."""
         logger.info(
             f"the state of step {step} arrived while the swarm averages for step {step + 1}: sitting out that "
@@ -772,8 +774,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         state of ``held_step``.
 
         The first step taken after a download is sat out: the others are already averaging for it (or
-        about to), and a peer that starts matchmaking then misses their group and ends up averaging
-        with their *next* round, one phase behind for good. It takes the step after it with them."""
+        about to), and a peer that starts matchmaking then misses their group and finds nobody else at
+        that step. It takes the step after it with them."""
         # not taken right after sitting out the step before: the round sat out is over, the next is
         # this peer's too. A swarm that moved further meanwhile (the tracker's view was stale during a
         # download) is in a round this peer cannot join in time: that one is sat out as well
@@ -787,6 +789,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         else:
             logger.info(f"the swarm moved on to step {swarm_step}: taking part in its rounds from now on")
         self._sitting_out = swarm_step if first else None
+        # a round scheduled at the step held is looked for under that step's key: nobody is there now
+        for scheduled in (self.scheduled_grads, self.scheduled_state):
+            if scheduled is not None and not scheduled.done():
+                scheduled.cancel()
+        self.scheduled_grads = self.scheduled_state = None
         self.state_averager.local_epoch = swarm_step
         self.state_averager.receive_next_average()
         self.tracker.report_local_progress(local_epoch=swarm_step, samples_accumulated=0)
@@ -810,9 +817,9 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._hold_step_until_round_ends()
         if overlapped:
             averager.begin_outer_round(self.outer, held_step + 1, on_applied=self._publish_step)
-        solo_steps = self.solo_steps
+        steps_apart = self.steps_apart
         super()._update_global_epoch(grad_scaler)
-        if self.solo_steps > solo_steps and self.local_epoch > held_step and not delayed:
+        if self.steps_apart > steps_apart and self.local_epoch > held_step and not delayed:
             self._share_state_as(self.local_epoch - 0.5)  # stepped alone: see _load_local_gradients_into_optimizer
         if delayed and not self._began_round:
             self._publish_step()  # no round began, so none will end and show the new step
@@ -895,8 +902,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         failed_round = (averager._new_averaged_grads and averager.local_times_accumulated == 0) or self._delayed_round
         samples = averager.round_samples if failed_round else averager.local_samples_accumulated
         if self.tracker.global_progress.num_peers > 1:  # alone in the run, stepping alone is the norm
-            self.solo_steps += 1
-            logger.info(f"stepping with this peer's own gradients only ({samples} samples): averaging with the others failed")
+            self.steps_apart += 1
+            if samples == 0:
+                # nothing of its own to step on (a peer waiting for a state average to make it level, whose
+                # round found the others gone to their next step): not counted as a step taken alone
+                logger.info(f"this peer's gradient round for step {self.local_epoch} failed; it had no samples in it")
+            else:
+                self.solo_steps += 1
+                logger.info(f"stepping with this peer's own gradients only ({samples} samples): averaging with the others failed")
             # a state stepped alone is no state the swarm holds: it is offered half a step below its
             # step, so a peer that averaged is asked first (once, locally, a straggler's solo step became
             # the final checkpoint and every peer's model). Synchronous: set in _update_global_epoch once

@@ -426,7 +426,8 @@ class CheckedReduction:
         apart = sorted(str(label) for label in labels if step is not None and label != step)
         if apart:
             # hivemind forms groups by time, not by step: a peer whose step ended late can land in the
-            # others' next round. Logged, not acted on (docs/reliability.md, open defects)
+            # others' next round. Gradient rounds meet by step (dedloc.swarm.step_groups); a state round
+            # holding members a step apart is logged and averaged as ever (docs/reliability.md)
             logger.info(f"a round of {self.prefix} for step {step} holds {len(apart)} of {group_info.group_size} "
                         f"members at another step ({', '.join(apart)})")
         if self.weight_bound is not None:
