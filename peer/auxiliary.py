@@ -14,8 +14,10 @@ stop is requested; it never leaves the optimizer inside a step. The caller shuts
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
+from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.p2p import PeerID
 
 from dedloc.lifecycle import GracefulExit
@@ -30,11 +32,46 @@ POLL_PERIOD = 0.2
 training peers do, or they wait for its share."""
 
 
+class SwarmStepWatcher(threading.Thread):
+    """Reads the training peers' progress records every ``period`` seconds and hands the step the swarm
+    is at to the helper's gradient averager, which looks for that step's group (gradient rounds meet by
+    step, :mod:`dedloc.swarm.step_groups`). The helper's own tracker cannot tell it: hivemind holds the
+    tracker still while the helper is in a round, which is when it looks for the next group."""
+
+    def __init__(self, optimizer: SwarmOptimizer, period: float = POLL_PERIOD):
+        super().__init__(name="swarm-step-watcher", daemon=True)
+        self.opt, self.period = optimizer, period
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        tracker = self.opt.tracker
+        while not self._stopping.is_set():
+            try:
+                found = self.opt.dht.get(tracker.training_progress_key, latest=True)
+                records = found.value if found is not None and isinstance(found.value, dict) else {}
+                steps = []
+                for entry in records.values():
+                    try:
+                        progress = LocalTrainingProgress.parse_obj(entry.value)
+                    except Exception:  # a record withdrawn (None) or malformed: not a step
+                        continue
+                    steps.append(progress.epoch)
+                if steps:
+                    self.opt.grad_averager.swarm_step.value = max(steps)
+            except Exception as e:  # the DHT unreachable for a while: the last step seen stands
+                logger.debug(f"cannot read the swarm's progress: {e!r}")
+            self._stopping.wait(self.period)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
 class AuxiliaryHelper:
     def __init__(self, dht, coordinator_id: PeerID, optimizer: SwarmOptimizer, stop: GracefulExit,
                  total_steps: int, poll: float = POLL_PERIOD):
         self.opt, self.stop, self.total_steps, self.poll = optimizer, stop, total_steps, poll
         self.watcher = RunStatusWatcher(dht, coordinator_id)
+        self.steps = SwarmStepWatcher(optimizer)
 
     def finished(self) -> bool:
         status = self.watcher.status
@@ -52,6 +89,7 @@ class AuxiliaryHelper:
 
     def run(self) -> None:
         self.watcher.start()
+        self.steps.start()
         try:
             logger.info("helping the swarm average as an auxiliary peer (no training); Ctrl-C to leave")
             self.opt.last_step = self.total_steps
@@ -71,6 +109,8 @@ class AuxiliaryHelper:
                             "numbers of the swarm's gradients. Thank you!")
         finally:
             self.watcher.stop()
+            self.steps.stop()
             deadline = time.monotonic() + BACKGROUND_JOIN_TIMEOUT
-            if self.watcher.is_alive():
-                self.watcher.join(max(0.0, deadline - time.monotonic()))
+            for thread in (self.watcher, self.steps):
+                if thread.is_alive():
+                    thread.join(max(0.0, deadline - time.monotonic()))

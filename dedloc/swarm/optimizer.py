@@ -208,6 +208,7 @@ class ReportingGradientAverager(AdmittedPeersOnly, StepKeyedGroups, CheckedReduc
     def __init__(self, *args, **kwargs):
         self.rounds_completed = mp.Value("i", 0)  # shared with the averager's background process
         self.numbers_reduced = mp.Value("q", 0)  # an auxiliary peer's share of the rounds it completed
+        self.swarm_step = mp.Value("i", -1)  # an auxiliary peer's: the step the swarm is at, as last seen
         self._completed_at_join = 0
         self.attack = active_attack()  # a scripted bad volunteer (attack benchmark) only
         super().__init__(*args, **kwargs)
@@ -239,6 +240,14 @@ class ReportingGradientAverager(AdmittedPeersOnly, StepKeyedGroups, CheckedReduc
             # do with the step): a round holding members at different steps is logged (CheckedReduction)
             kwargs.setdefault("gather", self.step_of_round())
         return super().schedule_step(*args, **kwargs)
+
+    def group_step(self, control) -> Optional[int]:
+        # a helper has no step of its own: it looks for the group of the step the swarm is at, which it
+        # follows while it looks (the helper's own step count, moved along between its rounds, trails it
+        # by a round on a fast swarm)
+        if self.auxiliary and self.swarm_step.value >= 0:
+            return self.swarm_step.value
+        return super().group_step(control)
 
     round_samples = 0  # samples this peer brought to its latest gradient round
 

@@ -20,7 +20,7 @@ round averages across neighbouring steps are parameters, which only pulls the pe
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.key_manager import GroupKeyManager
@@ -52,17 +52,13 @@ class _StepGroupKeys(GroupKeyManager):
     for a group for (any other time: hivemind's own key). hivemind reads the key when it declares
     itself, lists the others looking and answers a join request, so all three follow the round."""
 
-    def __init__(self, base: GroupKeyManager, matchmaking: Matchmaking, serializer):
+    def __init__(self, base: GroupKeyManager, matchmaking: Matchmaking, step_of: Callable[[Optional[StepControl]], Optional[int]]):
         self.__dict__.update(base.__dict__)
-        self._matchmaking, self._serializer = matchmaking, serializer
-        self._step_of: tuple[Optional[StepControl], Optional[int]] = (None, None)  # the last round's, decoded once
+        self._matchmaking, self._step_of = matchmaking, step_of
 
     @property
     def current_key(self) -> str:
-        control = self._matchmaking.step_control
-        if self._step_of[0] is not control:
-            self._step_of = (control, gathered_step(control, self._serializer))
-        step = self._step_of[1]
+        step = self._step_of(self._matchmaking.step_control)
         return f"{self.prefix}.0b{self.group_bits if step is None else step_group_bits(step)}"
 
 
@@ -71,9 +67,17 @@ class StepKeyedGroups:
     under a key that holds the step it gathers (see the module's docstring). Rounds that gather no
     step (an int) keep hivemind's key."""
 
+    _decoded: tuple[Optional[StepControl], Optional[int]] = (None, None)  # the last round's step, decoded once
+
+    def group_step(self, control: Optional[StepControl]) -> Optional[int]:
+        """The step whose group the round ``control`` looks for (read each time hivemind reads the key)."""
+        if self._decoded[0] is not control:
+            self._decoded = (control, gathered_step(control, self.serializer))
+        return self._decoded[1]
+
     async def _step(self, *, step: StepControl, future_for_init):
         # runs in the averager's own process, where hivemind built its matchmaking
         matchmaking = self._matchmaking
         if not isinstance(matchmaking.group_key_manager, _StepGroupKeys):
-            matchmaking.group_key_manager = _StepGroupKeys(matchmaking.group_key_manager, matchmaking, self.serializer)
+            matchmaking.group_key_manager = _StepGroupKeys(matchmaking.group_key_manager, matchmaking, self.group_step)
         return await super()._step(step=step, future_for_init=future_for_init)
