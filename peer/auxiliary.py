@@ -38,7 +38,7 @@ class SwarmStepWatcher(threading.Thread):
     step, :mod:`dedloc.swarm.step_groups`). The helper's own tracker cannot tell it: hivemind holds the
     tracker still while the helper is in a round, which is when it looks for the next group."""
 
-    def __init__(self, optimizer: SwarmOptimizer, period: float = POLL_PERIOD):
+    def __init__(self, optimizer: SwarmOptimizer, period: float = 0.5):
         super().__init__(name="swarm-step-watcher", daemon=True)
         self.opt, self.period = optimizer, period
         self._stopping = threading.Event()

@@ -767,8 +767,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         forms its group without this peer, and a round of this peer's at ``step`` would find nobody
         (gradient rounds meet by step, :mod:`dedloc.swarm.step_groups`) and cost it the averaging
         timeout. Instead it sits the round out, accumulating nothing, takes the swarm's step when the
-        round is over (see
-        :meth:`_should_load_state_from_peers`) and is made level by the next state average."""
+        round is over (see :meth:`_should_load_state_from_peers`) and is made level by the next state
+        average."""
         logger.info(
             f"the state of step {step} arrived while the swarm averages for step {step + 1}: sitting out that "
             "round; this peer contributes again once a state average has brought it level"
