@@ -262,21 +262,32 @@ def test_a_cut_off_peer_resynchronises(lab):
     assert _last_step(swarm) == total_steps
 
     log = cut_off.log_text()
-    behind = re.search(r"this peer is at step (\d+), the swarm at step (\d+): downloading its state", log)
-    assert behind and int(behind[2]) > int(behind[1]), "peer-3 did not notice it was behind"
-    downloaded = re.search(r"state downloaded in \S+ s: now at step (\d+), (\d+) samples accumulated", log[behind.end():])
-    assert downloaded and int(downloaded[2]) == 0, downloaded
-    # a state of the swarm's step, or an older one that the peer then moves past by taking the swarm's
-    # step (the optimizer's path for a download the swarm outran). In CI the donor at the swarm's step
-    # could not be dialled yet right after the link came back, and the next donor served step 11 of 12
-    outran = re.search(r"the swarm stepped during the download \(state of step (\d+), swarm at step (\d+)\)",
-                       log[behind.end() + downloaded.end():])
-    assert int(downloaded[1]) >= int(behind[2]) or (outran and int(outran[2]) >= int(behind[2])), \
-        f"{downloaded[0]} (the swarm at step {behind[2]}), and the peer did not take the swarm's step"
-    # no gradient averaging round began between getting back in touch and the download: nothing from
-    # before the outage reached the swarm, and the first round after it holds fresh samples only
     back = log.index("back in touch with the swarm")
-    assert "averaging gradients (round" not in log[back:behind.end() + downloaded.end()]
+    behind = re.search(r"this peer is at step (\d+), the swarm at step (\d+): downloading its state", log)
+    if behind is not None:
+        assert int(behind[2]) > int(behind[1]), "peer-3 did not notice it was behind"
+        downloaded = re.search(r"state downloaded in \S+ s: now at step (\d+), (\d+) samples accumulated", log[behind.end():])
+        assert downloaded and int(downloaded[2]) == 0, downloaded
+        # a state of the swarm's step, or an older one that the peer then moves past by taking the swarm's
+        # step (the optimizer's path for a download the swarm outran). In CI the donor at the swarm's step
+        # could not be dialled yet right after the link came back, and the next donor served step 11 of 12
+        outran = re.search(r"the swarm stepped during the download \(state of step (\d+), swarm at step (\d+)\)",
+                           log[behind.end() + downloaded.end():])
+        assert int(downloaded[1]) >= int(behind[2]) or (outran and int(outran[2]) >= int(behind[2])), \
+            f"{downloaded[0]} (the swarm at step {behind[2]}), and the peer did not take the swarm's step"
+        # no gradient averaging round began between getting back in touch and the download: nothing from
+        # before the outage reached the swarm, and the first round after it holds fresh samples only
+        assert "averaging gradients (round" not in log[back:behind.end() + downloaded.end()]
+    else:
+        # the optimizer found the swarm ahead as the link went and began the download itself, inside the
+        # step under way (the trainer never paused: CI, 2026-11-29, the outage cut short at step 8); the
+        # download outlived the outage and ended with the optimizer's own line. No round began between
+        # losing touch and that line
+        lost = log.index("lost touch with the swarm")
+        behind = re.compile(r"the state of step \d+ arrived while the swarm averages|the swarm stepped during the download"
+                            ).search(log, lost)
+        assert behind, "peer-3 did not notice it was behind"
+        assert "averaging gradients (round" not in log[lost:behind.start()]
 
     # from then on it stepped in phase with the others, on fresh gradients: once it contributes, every
     # step of its holds their parameters at that step (the swarm's compression and rounds left half-done
