@@ -17,11 +17,11 @@ import logging
 import threading
 import time
 
-from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.p2p import PeerID
 
 from dedloc.lifecycle import GracefulExit
 from dedloc.swarm.optimizer import SwarmOptimizer
+from dedloc.swarm.weight_bound import parse_progress
 
 from .trainer import BACKGROUND_JOIN_TIMEOUT, RunStatusWatcher
 
@@ -48,15 +48,8 @@ class SwarmStepWatcher(threading.Thread):
         while not self._stopping.is_set():
             try:
                 found = self.opt.dht.get(tracker.training_progress_key, latest=True)
-                records = found.value if found is not None and isinstance(found.value, dict) else {}
-                steps = []
-                for entry in records.values():
-                    try:
-                        progress = LocalTrainingProgress.parse_obj(entry.value)
-                    except Exception:  # a record withdrawn (None) or malformed: not a step
-                        continue
-                    steps.append(progress.epoch)
-                if steps:
+                steps = [p.epoch for p in parse_progress(found.value if found is not None else None).values()]
+                if max(steps, default=-1) >= 0:
                     self.opt.grad_averager.swarm_step.value = max(steps)
             except Exception as e:  # the DHT unreachable for a while: the last step seen stands
                 logger.debug(f"cannot read the swarm's progress: {e!r}")

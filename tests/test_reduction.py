@@ -187,6 +187,9 @@ def test_a_bound_grows_with_the_published_throughput_and_skips_malformed_records
     for bad in ({**good, "samples_per_second": float("nan")}, {**good, "time": "now"}, {**good, "samples_accumulated": True}, None):
         assert parse_progress({subkey: ValueWithExpiration(bad, 0.0)}) == {}
     assert parse_progress(None) == {} and parse_progress([1, 2]) == {}
+    # the step a record says its publisher is at (what an auxiliary helper follows), or -1
+    for epoch, read in ((7, 7), (-3, -1), ("7", -1), (True, -1)):
+        assert [p.epoch for p in parse_progress({subkey: ValueWithExpiration({**good, "epoch": epoch}, 0.0)}).values()] == [read]
 
 
 def test_centered_clip_rounds_survive_an_outlier_that_wrecks_the_mean():

@@ -52,6 +52,7 @@ class Progress:
     samples: int
     samples_per_second: float
     time: float
+    epoch: int = -1  # the step its publisher is at (-1: the record did not say)
 
 
 def claim_bound(progress: Progress, now: float, micro_batch: int) -> float:
@@ -79,7 +80,9 @@ def parse_progress(value: Any) -> dict[PeerID, Progress]:
             continue
         if rate < 0:
             continue
-        found[owner] = Progress(samples, float(rate), float(time))
+        epoch = record.get("epoch")
+        epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else -1
+        found[owner] = Progress(samples, float(rate), float(time), epoch)
     return found
 
 
