@@ -86,6 +86,15 @@ def parse_progress(value: Any) -> dict[PeerID, Progress]:
     return found
 
 
+def read_swarm_step(dht: hivemind.DHT, progress_key: str) -> int:
+    """The latest step that a progress record under ``progress_key`` holds (-1: none readable), read
+    from the DHT now (blocking). hivemind's progress tracker holds still while its optimizer is in a
+    round; this reads past it."""
+    found = dht.get(progress_key, latest=True)
+    return max((record.epoch for record in parse_progress(found.value if found is not None else None).values()),
+               default=-1)
+
+
 class PublishedProgress:
     """Per-sender weight bounds from the senders' progress records under ``progress_key``, read in the
     background of the averager's own process (a round never waits on the DHT, but for
