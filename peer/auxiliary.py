@@ -21,7 +21,7 @@ from hivemind.p2p import PeerID
 
 from dedloc.lifecycle import GracefulExit
 from dedloc.swarm.optimizer import SwarmOptimizer
-from dedloc.swarm.weight_bound import read_swarm_step
+from dedloc.swarm.weight_bound import read_steps
 
 from .trainer import BACKGROUND_JOIN_TIMEOUT, RunStatusWatcher
 
@@ -47,7 +47,7 @@ class SwarmStepWatcher(threading.Thread):
         tracker = self.opt.tracker
         while not self._stopping.is_set():
             try:
-                step = read_swarm_step(self.opt.dht, tracker.training_progress_key)
+                step = max(read_steps(self.opt.dht, tracker.training_progress_key), default=-1)
                 if step >= 0:
                     self.opt.grad_averager.swarm_step.value = step
             except Exception as e:  # the DHT unreachable for a while: the last step seen stands

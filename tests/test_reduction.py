@@ -20,8 +20,8 @@ from dedloc.faults import ENV
 from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.optimizer import ReducerShares
 from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights, round_step
-from dedloc.swarm.step_groups import StepKeyedGroups, gathered_step, step_group_bits, wait_for_group
-from dedloc.swarm.weight_bound import Progress, PublishedProgress, claim_bound, parse_progress, read_swarm_step
+from dedloc.swarm.step_groups import StepKeyedGroups, gathered_step, step_group_bits, swarm_left_step, wait_for_group
+from dedloc.swarm.weight_bound import Progress, PublishedProgress, claim_bound, parse_progress, read_steps
 from helpers import local_dhts
 
 pytestmark = pytest.mark.timeout(120)
@@ -172,8 +172,8 @@ def test_a_claim_beyond_the_senders_published_progress_counts_as_its_bound():
             assert dhts[index].store("run_progress", subkey=validator.local_public_key, value=record.dict(),
                                      expiration_time=get_dht_time() + 120)
         # the step a straggler reads past its own tracker: the latest any record holds (records at 0 and 6)
-        assert read_swarm_step(dhts[1], "run_progress") == 6
-        assert read_swarm_step(dhts[1], "no_run_here") == -1
+        assert sorted(read_steps(dhts[1], "run_progress")) == [0, 6]
+        assert read_steps(dhts[1], "no_run_here") == []
         bound = PublishedProgress("run_progress", micro_batch=16)
         tensors = _average([1.0, 3.0, 11.0], weights=[32.0, 32.0, 3200.0], reduces=[True] * 3, dhts=dhts,
                            max_weight=256.0, weight_bound=bound)
@@ -263,6 +263,15 @@ def test_a_round_left_behind_gives_up_and_one_with_its_group_does_not():
             with averager.get_tensors() as (tensor,):
                 means.append(float(tensor.mean()))
         assert means == pytest.approx([2.0, 2.0, 11.0]), means
+
+
+def test_the_swarm_has_left_a_step_when_half_its_records_are_past_it():
+    assert swarm_left_step([5, 6, 6, 6], 5)  # the others stepped, this peer (at 5) was left out
+    assert swarm_left_step([5, 5, 6, 6], 5)  # two averaged and stepped, two were left out
+    assert swarm_left_step([5, 6], 5)
+    assert not swarm_left_step([5, 5, 5, 6], 5)  # one ahead: the rest may still meet
+    assert not swarm_left_step([5, 5, 5, 10**6], 5)  # nor does one record far ahead stop their rounds
+    assert not swarm_left_step([5, 5, 4], 5) and not swarm_left_step([], 5)
 
 
 def test_the_group_key_holds_the_step_gathered():

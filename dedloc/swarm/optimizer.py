@@ -43,10 +43,10 @@ from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
 from dedloc.swarm.reduction import CheckedReduction
-from dedloc.swarm.step_groups import StepKeyedGroups, wait_for_group
+from dedloc.swarm.step_groups import StepKeyedGroups, swarm_left_step, wait_for_group
 from dedloc.swarm.timeouts import (averaging_timeout_floor, round_reducer_timeout, round_sender_timeout, slowest_uplink,
                                    wire_bytes)
-from dedloc.swarm.weight_bound import PublishedProgress, read_swarm_step
+from dedloc.swarm.weight_bound import PublishedProgress, read_steps
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -882,10 +882,10 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self._publish_step()
 
     def _swarm_is_past(self, step: int) -> bool:
-        """Whether a progress record shows a peer past ``step`` (read now: hivemind's tracker holds still
-        during a round). A failed read says no."""
+        """Whether the progress records show the swarm past ``step`` (read now: hivemind's tracker holds
+        still during a round). A failed read says no."""
         try:
-            return read_swarm_step(self.dht, self.tracker.training_progress_key) > step
+            return swarm_left_step(read_steps(self.dht, self.tracker.training_progress_key), step)
         except Exception as e:
             logger.debug(f"cannot read the swarm's progress: {e!r}")
             return False

@@ -11,7 +11,8 @@ Here a gradient round is looked for under a key that carries the step its member
 for: members at different steps never meet. A late peer's round finds no group; the optimizer's usual
 paths take over from there (it steps on its own gradients, then sees itself behind and downloads the
 state, or takes the swarm's step and waits for a state round to make it level). Such a round gives
-up as soon as the swarm's progress records show the others past its step (:func:`wait_for_group`),
+up as soon as the swarm's progress records show the others past its step (:func:`wait_for_group`,
+:func:`swarm_left_step`),
 instead of waiting out the averaging timeout for a group that can no longer form.
 
 State rounds keep hivemind's single key. Keyed the same way (2026-11-29, partition scenario: 3 peers,
@@ -23,7 +24,7 @@ round averages across neighbouring steps are parameters, which only pulls the pe
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.key_manager import GroupKeyManager
@@ -48,6 +49,14 @@ def gathered_step(step_control: Optional[StepControl], serializer) -> Optional[i
     except Exception:
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+
+def swarm_left_step(steps: Sequence[int], step: int) -> bool:
+    """Whether the progress records' ``steps`` (this peer's own among them) say the swarm has left
+    ``step``: at least half of them, and at least one, are past it. One record far ahead (a clock
+    wrong, or a volunteer lying) does not make the rest give their rounds up."""
+    past = sum(1 for other in steps if other > step)
+    return past > 0 and 2 * past >= len(steps)
 
 
 def wait_for_group(control: StepControl, swarm_is_past: Callable[[], bool], timeout: Optional[float],

@@ -86,13 +86,13 @@ def parse_progress(value: Any) -> dict[PeerID, Progress]:
     return found
 
 
-def read_swarm_step(dht: hivemind.DHT, progress_key: str) -> int:
-    """The latest step that a progress record under ``progress_key`` holds (-1: none readable), read
-    from the DHT now (blocking). hivemind's progress tracker holds still while its optimizer is in a
-    round; this reads past it."""
+def read_steps(dht: hivemind.DHT, progress_key: str) -> list[int]:
+    """The steps that the progress records under ``progress_key`` hold (records without one left
+    out), read from the DHT now (blocking). hivemind's progress tracker holds still while its
+    optimizer is in a round; this reads past it."""
     found = dht.get(progress_key, latest=True)
-    return max((record.epoch for record in parse_progress(found.value if found is not None else None).values()),
-               default=-1)
+    return [record.epoch for record in parse_progress(found.value if found is not None else None).values()
+            if record.epoch >= 0]
 
 
 class PublishedProgress:
