@@ -4,9 +4,8 @@ averagers on a local DHT whose rounds reject non-finite parts, bound claimed wei
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import types
-from typing import Iterator, Optional
+from typing import Optional
 
 import hivemind
 import pytest
@@ -20,8 +19,8 @@ from dedloc.faults import ENV
 from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.optimizer import ReducerShares
 from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights, round_step
-from dedloc.swarm.step_groups import StepKeyedGroups, gathered_step, step_group_bits, swarm_left_step, wait_for_group
-from dedloc.swarm.weight_bound import Progress, PublishedProgress, claim_bound, parse_progress, read_steps
+from dedloc.swarm.step_groups import StepKeyedGroups, gathered_step, step_group_bits
+from dedloc.swarm.weight_bound import Progress, PublishedProgress, claim_bound, parse_progress
 from helpers import local_dhts
 
 pytestmark = pytest.mark.timeout(120)
@@ -89,29 +88,6 @@ def _average(values: list[float], weights: list[float], reduces: list[bool], ste
     gathers its step; and built with its entry of ``faults`` as ``DEDLOC_FAULTS``). Every member's
     round must succeed but those at the indices in ``failing``, whose rounds must fail."""
     steps = steps or [None] * len(values)
-    with _running_averagers(values, reduces, dhts, faults, **reduction) as averagers:
-        def step(averager, weight, step):
-            try:
-                return averager.step(weight=weight, gather=step, timeout=timeout)
-            except Exception:  # the round failed (hivemind raises what ended it)
-                return None
-
-        with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
-            results = list(pool.map(lambda args: step(*args), zip(averagers, weights, steps)))
-        failed = tuple(index for index, result in enumerate(results) if result is None)
-        assert failed == tuple(failing), f"the rounds of members {failed} failed, expected {failing} to"
-        tensors = []
-        for averager in averagers:
-            with averager.get_tensors() as (tensor,):
-                tensors.append(tensor.clone())
-        return tensors
-
-
-@contextlib.contextmanager
-def _running_averagers(values: list[float], reduces: list[bool], dhts: Optional[list] = None,
-                       faults: Optional[list] = None, **reduction) -> Iterator[list[_Averager]]:
-    """Real averagers on a local DHT (``dhts``, shut down here; default: fresh ones), each holding a
-    vector filled with its value, built with its entry of ``faults`` as ``DEDLOC_FAULTS``."""
     faults = faults or [None] * len(values)
     dhts = dhts or local_dhts(len(values))
     averagers = []
@@ -128,7 +104,21 @@ def _running_averagers(values: list[float], reduces: list[bool], dhts: Optional[
             averager.announce(reduces=reducing)
             averager.run_in_background(await_ready=True)
             averagers.append(averager)
-        yield averagers
+        def step(averager, weight, step):
+            try:
+                return averager.step(weight=weight, gather=step, timeout=timeout)
+            except Exception:  # the round failed (hivemind raises what ended it)
+                return None
+
+        with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
+            results = list(pool.map(lambda args: step(*args), zip(averagers, weights, steps)))
+        failed = tuple(index for index, result in enumerate(results) if result is None)
+        assert failed == tuple(failing), f"the rounds of members {failed} failed, expected {failing} to"
+        tensors = []
+        for averager in averagers:
+            with averager.get_tensors() as (tensor,):
+                tensors.append(tensor.clone())
+        return tensors
     finally:
         for averager in averagers:
             averager.shutdown()
@@ -167,13 +157,10 @@ def test_a_claim_beyond_the_senders_published_progress_counts_as_its_bound():
         assert [dht.peer_id for dht in dhts] == [identity.peer_id for identity in identities]
         for index in (0, 2):
             validator = RSASignatureValidator(identities[index].private_key)
-            record = LocalTrainingProgress(peer_id=dhts[index].peer_id.to_bytes(), epoch=3 * index, samples_accumulated=32,
+            record = LocalTrainingProgress(peer_id=dhts[index].peer_id.to_bytes(), epoch=0, samples_accumulated=32,
                                            samples_per_second=0.0, time=get_dht_time(), client_mode=False)
             assert dhts[index].store("run_progress", subkey=validator.local_public_key, value=record.dict(),
                                      expiration_time=get_dht_time() + 120)
-        # the step a straggler reads past its own tracker: the latest any record holds (records at 0 and 6)
-        assert sorted(read_steps(dhts[1], "run_progress")) == [0, 6]
-        assert read_steps(dhts[1], "no_run_here") == []
         bound = PublishedProgress("run_progress", micro_batch=16)
         tensors = _average([1.0, 3.0, 11.0], weights=[32.0, 32.0, 3200.0], reduces=[True] * 3, dhts=dhts,
                            max_weight=256.0, weight_bound=bound)
@@ -240,38 +227,6 @@ def test_members_at_different_steps_never_meet():
     # members that gather no step (plain averagers) keep hivemind's key and meet as ever
     tensors = _average(values, weights=[1.0] * 3, reduces=reduces)
     assert [float(t.mean()) for t in tensors] == pytest.approx([5.0] * 3)
-
-
-def test_a_round_left_behind_gives_up_and_one_with_its_group_does_not():
-    """Members at steps 8, 8 and 7 look for a group (60-s timeouts). The one at 7 hears that the swarm
-    is past its step once the two at 8 have averaged: it gives its round up then, not at its timeout.
-    Each member at 8 hears the same once the other's round has ended: it has its group by then, and
-    its round runs to the end."""
-    with _running_averagers([1.0, 3.0, 11.0], [True, True, True]) as averagers:
-        controls = [averager.step(gather=step, timeout=60.0, wait=False) for averager, step in zip(averagers, [8, 8, 7])]
-        at_8 = controls[:2]
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            waits = [pool.submit(wait_for_group, control, past, 60.0, 0.1) for control, past in [
-                (controls[0], controls[1].done), (controls[1], controls[0].done),
-                (controls[2], lambda: all(control.done() for control in at_8))]]
-            gave_up = [wait.result(timeout=90) for wait in waits]
-        assert gave_up == [False, False, True]
-        assert [len(control.result(timeout=30)) for control in at_8] == [2, 2]  # groups of two
-        assert controls[2].cancelled()
-        means = []
-        for averager in averagers:
-            with averager.get_tensors() as (tensor,):
-                means.append(float(tensor.mean()))
-        assert means == pytest.approx([2.0, 2.0, 11.0]), means
-
-
-def test_the_swarm_has_left_a_step_when_half_its_records_are_past_it():
-    assert swarm_left_step([5, 6, 6, 6], 5)  # the others stepped, this peer (at 5) was left out
-    assert swarm_left_step([5, 5, 6, 6], 5)  # two averaged and stepped, two were left out
-    assert swarm_left_step([5, 6], 5)
-    assert not swarm_left_step([5, 5, 5, 6], 5)  # one ahead: the rest may still meet
-    assert not swarm_left_step([5, 5, 5, 10**6], 5)  # nor does one record far ahead stop their rounds
-    assert not swarm_left_step([5, 5, 4], 5) and not swarm_left_step([], 5)
 
 
 def test_the_group_key_holds_the_step_gathered():

@@ -43,10 +43,10 @@ from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
 from dedloc.swarm.reduction import CheckedReduction
-from dedloc.swarm.step_groups import StepKeyedGroups, swarm_left_step, wait_for_group
+from dedloc.swarm.step_groups import StepKeyedGroups
 from dedloc.swarm.timeouts import (averaging_timeout_floor, round_reducer_timeout, round_sender_timeout, slowest_uplink,
                                    wire_bytes)
-from dedloc.swarm.weight_bound import PublishedProgress, read_steps
+from dedloc.swarm.weight_bound import PublishedProgress
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -865,11 +865,6 @@ class SwarmOptimizer(hivemind.Optimizer):
         and when it is over this peer shows the swarm its new step."""
         self._delayed_round = self.delay_grad_averaging and maybe_step_control is not None
         try:
-            if maybe_step_control is not None and not self.auxiliary:  # a helper's step trails the swarm's
-                held_step = self.local_epoch
-                if wait_for_group(maybe_step_control, partial(self._swarm_is_past, held_step), self.averaging_timeout):
-                    logger.info(f"the others stepped past step {held_step} while this peer still looked for the group "
-                                f"of its gradient round: giving the round up")
             super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         finally:
             if self._delayed_round:
@@ -880,15 +875,6 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._delayed_round = False
             if self.delay_grad_averaging:
                 self._publish_step()
-
-    def _swarm_is_past(self, step: int) -> bool:
-        """Whether the progress records show the swarm past ``step`` (read now: hivemind's tracker holds
-        still during a round). A failed read says no."""
-        try:
-            return swarm_left_step(read_steps(self.dht, self.tracker.training_progress_key), step)
-        except Exception as e:
-            logger.debug(f"cannot read the swarm's progress: {e!r}")
-            return False
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         if self._sitting_out is None:  # a scheduled round that this peer would never trigger stalls the others

@@ -10,10 +10,7 @@ in one round").
 Here a gradient round is looked for under a key that carries the step its member's gradients are
 for: members at different steps never meet. A late peer's round finds no group; the optimizer's usual
 paths take over from there (it steps on its own gradients, then sees itself behind and downloads the
-state, or takes the swarm's step and waits for a state round to make it level). Such a round gives
-up as soon as the swarm's progress records show the others past its step (:func:`wait_for_group`,
-:func:`swarm_left_step`),
-instead of waiting out the averaging timeout for a group that can no longer form.
+state, or takes the swarm's step and waits for a state round to make it level).
 
 State rounds keep hivemind's single key. Keyed the same way (2026-11-29, partition scenario: 3 peers,
 2 cores, 20 Mbit/s uplinks), 7-10 state rounds per peer in a 20-step run found no group: the peers'
@@ -23,10 +20,9 @@ round averages across neighbouring steps are parameters, which only pulls the pe
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
-from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.averaging.matchmaking import Matchmaking
 
@@ -49,35 +45,6 @@ def gathered_step(step_control: Optional[StepControl], serializer) -> Optional[i
     except Exception:
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
-
-
-def swarm_left_step(steps: Sequence[int], step: int) -> bool:
-    """Whether the progress records' ``steps`` (this peer's own among them) say the swarm has left
-    ``step``: at least half of them, and at least one, are past it. One record far ahead (a clock
-    wrong, or a volunteer lying) does not make the rest give their rounds up."""
-    past = sum(1 for other in steps if other > step)
-    return past > 0 and 2 * past >= len(steps)
-
-
-def wait_for_group(control: StepControl, swarm_is_past: Callable[[], bool], timeout: Optional[float],
-                   poll: float = 0.5) -> bool:
-    """Wait (up to ``timeout`` seconds; None: no limit) until the round ``control`` ends or has its
-    group. While it still looks for one and ``swarm_is_past()`` (the others have stepped past the
-    round's step without this member), cancel it: its group can no longer form. Returns whether it
-    was cancelled; the caller then takes the round's failure as it would a timeout's."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not control.done() and not control.began_allreduce:
-        if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and swarm_is_past():
-            return control.cancel()
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
-        try:
-            control.result(timeout=poll)
-        except TimeoutError:
-            continue
-        except BaseException:
-            break  # the round ended: its caller reads how from the control
-    return False
 
 
 class _StepGroupKeys(GroupKeyManager):

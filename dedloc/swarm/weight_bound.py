@@ -86,15 +86,6 @@ def parse_progress(value: Any) -> dict[PeerID, Progress]:
     return found
 
 
-def read_steps(dht: hivemind.DHT, progress_key: str) -> list[int]:
-    """The steps that the progress records under ``progress_key`` hold (records without one left
-    out), read from the DHT now (blocking). hivemind's progress tracker holds still while its
-    optimizer is in a round; this reads past it."""
-    found = dht.get(progress_key, latest=True)
-    return [record.epoch for record in parse_progress(found.value if found is not None else None).values()
-            if record.epoch >= 0]
-
-
 class PublishedProgress:
     """Per-sender weight bounds from the senders' progress records under ``progress_key``, read in the
     background of the averager's own process (a round never waits on the DHT, but for
