@@ -38,11 +38,15 @@ def fault_point(name: str) -> None:
         threading.Event().wait()
 
 
+_paused_at: set[str] = set()  # the pause points this process already stopped at
+
+
 def fault_pause(name: str) -> None:
-    """Stop this process (SIGSTOP, logging it first) if ``name`` is among the faults it was started
-    with: it goes on where it stopped once the test sends SIGCONT. Used before threads or children
-    exist, so that nothing else of the process runs meanwhile."""
-    if name in os.environ.get(ENV, "").split(","):
+    """Stop this process (SIGSTOP, logging it first) the first time it reaches this point, if ``name`` is
+    among the faults it was started with: it goes on where it stopped once the test sends SIGCONT. Every
+    thread of the process stops with it (its children, p2pd and the DHT's process, run on)."""
+    if name in os.environ.get(ENV, "").split(",") and name not in _paused_at:
+        _paused_at.add(name)
         logger.warning(f"fault injected: {name}; stopped until SIGCONT")
         for handler in logging.getLogger().handlers:
             handler.flush()

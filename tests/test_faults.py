@@ -184,6 +184,32 @@ def test_a_paused_peer_rejoins(lab):
     assert fixed and float(fixed[1]) <= 1e-6, fixed
 
 
+def test_a_peer_late_for_its_round_takes_the_swarms_state_at_once(lab):
+    """A peer whose first gradient round comes due after the others already stepped past it (fault
+    point ``pause-before-gradient-round``: it stops right there, and is let go once the others are two
+    steps on) reads the others' progress before it looks for a group: it downloads the swarm's state
+    instead of waiting out the matchmaking for a group at a step nobody is at and then stepping on its
+    own gradients; it contributes again and finishes the run with the others."""
+    swarm = lab(peers=3, total_steps=10, peer_env={"peer-3": {"DEDLOC_FAULTS": "pause-before-gradient-round"}})
+    late, others = swarm.peers["peer-3"], [swarm.peers["peer-1"], swarm.peers["peer-2"]]
+    wait_for(lambda: "fault injected: pause-before-gradient-round" in late.log_text(), 300,
+             "peer-3 to stop before its first gradient round", watch=_nodes(swarm))
+    stopped_at = _last_step(swarm)
+    wait_for(lambda: _last_step(swarm) >= stopped_at + 2, 6 * AVERAGING_TIMEOUT,
+             "two global steps without the stopped peer", watch=[swarm.coordinator.child, *(o.child for o in others)])
+    late.resume()
+    for node in [swarm.coordinator, *others, late]:
+        wait_for(lambda: node.poll() is not None, 300, f"{node.name} to finish", watch=[node.child])
+        assert node.poll() == 0, node.child.log_tail(30)
+    log = late.log_text()
+    resumed = log.index("fault injected: pause-before-gradient-round")
+    assert "most of the others already stepped to step" in log[resumed:], _swarm_lines(log)
+    assert "own gradients only" not in log[resumed:], _swarm_lines(log)
+    contributed = [line["contributed"] for line in _step_lines(late) if line["at"] > resumed]
+    assert contributed and contributed[-1] > 0, _swarm_lines(log)  # it brought samples to later steps
+    assert "the run is finished at step 10" in log
+
+
 def _step_lines(node) -> list[dict]:
     """The peer's step lines: step, contributed samples, parameter fingerprint, and where in the log."""
     text = node.log_text()

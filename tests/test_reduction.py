@@ -20,7 +20,8 @@ from dedloc.swarm.identity import Identity, peer_id_of_public_key
 from dedloc.swarm.optimizer import ReducerShares
 from dedloc.swarm.reduction import CheckedReduction, centered_clip, robust_weights, round_step
 from dedloc.swarm.step_groups import StepKeyedGroups, gathered_step, step_group_bits
-from dedloc.swarm.weight_bound import Progress, PublishedProgress, claim_bound, parse_progress
+from dedloc.swarm.weight_bound import (Progress, PublishedProgress, claim_bound, parse_progress,
+                                      step_the_others_reached)
 from helpers import local_dhts
 
 pytestmark = pytest.mark.timeout(120)
@@ -190,6 +191,26 @@ def test_a_bound_grows_with_the_published_throughput_and_skips_malformed_records
     # the step a record says its publisher is at (what an auxiliary helper follows), or -1
     for epoch, read in ((7, 7), (-3, -1), ("7", -1), (True, -1)):
         assert [p.epoch for p in parse_progress({subkey: ValueWithExpiration({**good, "epoch": epoch}, 0.0)}).values()] == [read]
+
+
+def test_a_peer_is_left_behind_only_when_most_of_the_others_stepped_past():
+    me, *others = [peer_id_of_public_key(RSAPrivateKey().get_public_key()) for _ in range(5)]
+
+    def records(*epochs, age=1.0):
+        found = {owner: Progress(16, 4.0, 100.0 - age, epoch) for owner, epoch in zip(others, epochs)}
+        return {**found, me: Progress(16, 4.0, 100.0, 9)}  # this peer's own record never counts
+
+    def reached(found):
+        return step_the_others_reached(found, me, now=100.0, window=25.0)
+
+    assert reached(records(3, 3, 3, 3)) == 3
+    assert reached(records(4, 3, 3, 3)) == 3  # one far-ahead record does not speak for the swarm
+    assert reached(records(99, 99, 3, 3)) == 3  # half is not most
+    assert reached(records(99, 99, 99, 3)) == 99
+    assert reached(records(5, 4, 4, 2)) == 4
+    assert reached(records(7, 7, 7, 7, age=30.0)) is None  # records of peers gone quiet
+    assert reached({me: Progress(16, 4.0, 100.0, 9)}) is None
+    assert reached(records(-1, -1, 2, 2)) == 2  # records that do not say their step are not counted
 
 
 def test_centered_clip_rounds_survive_an_outlier_that_wrecks_the_mean():

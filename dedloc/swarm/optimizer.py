@@ -38,7 +38,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 
 from dedloc.config import Compression, RunConfig
-from dedloc.faults import active_attack, fault_point, poison
+from dedloc.faults import active_attack, fault_pause, fault_point, poison
 from dedloc.swarm.records import ONLINE_WINDOW
 from dedloc.swarm.access import AdmittedPeersOnly
 from dedloc.swarm.diloco import OuterStep
@@ -46,7 +46,7 @@ from dedloc.swarm.reduction import CheckedReduction
 from dedloc.swarm.step_groups import StepKeyedGroups
 from dedloc.swarm.timeouts import (averaging_timeout_floor, round_reducer_timeout, round_sender_timeout, slowest_uplink,
                                    wire_bytes)
-from dedloc.swarm.weight_bound import PublishedProgress
+from dedloc.swarm.weight_bound import PublishedProgress, parse_progress, step_the_others_reached
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -597,6 +597,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     solo_steps = 0
     steps_apart = 0  # steps taken after a failed gradient round: solo steps, and those with no samples
     samples_accumulated_total = 0
+    left_behind_rounds = 0  # gradient rounds not begun: most of the others had stepped past (_left_behind)
     _downloaded_epoch: Optional[int] = None  # step of the state last downloaded, until this peer contributes
     _sitting_out: Optional[int] = None  # a step taken from the swarm whose averaging rounds this peer sits out
     last_step: Optional[int] = None  # the run's last step, set by the trainer: no round begins there or past it
@@ -815,6 +816,9 @@ class SwarmOptimizer(hivemind.Optimizer):
             # at the run's end (reached, say, by taking the swarm's step in this very call): no round
             # is due, and one begun now would find nobody and step past the end alone
             return
+        fault_pause("pause-before-gradient-round")  # a peer that wakes up after the others stepped on
+        if self._left_behind():
+            return
         self._sitting_out = None
         held_step = self.local_epoch
         averager = self.state_averager
@@ -843,6 +847,39 @@ class SwarmOptimizer(hivemind.Optimizer):
             averager._log_outer_step(self.local_epoch, moved)
 
     _began_round = False  # whether the step under way began a gradient round (delayed updates)
+
+    PROGRESS_READ_TIMEOUT = 2.0
+    """How long the check before a gradient round waits for the progress records (then it goes ahead)."""
+
+    def _left_behind(self) -> bool:
+        """Just before this peer looks for the group of its gradient round: whether most of the others
+        already stepped past its step (read from the DHT now — hivemind's tracker refreshes its view
+        every few seconds, so a peer whose last micro-batch ended just after the others' round formed
+        still sees the step as due). Such a round would find nobody at its step and cost this peer the
+        matchmaking timeout, then a solo step and a download; instead it drops the gradients (computed
+        on parameters the swarm has left) and downloads the swarm's state now. A failed or slow read
+        says no: the round goes ahead as ever."""
+        if self.auxiliary or self.grad_averager is None or self.tracker.global_progress.num_peers <= 1:
+            return False
+        try:
+            found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True).result(
+                timeout=self.PROGRESS_READ_TIMEOUT)
+            records = parse_progress(found.value if found is not None else None)
+        except Exception as e:
+            logger.debug(f"cannot read the swarm's progress before a gradient round: {e!r}")
+            return False
+        reached = step_the_others_reached(records, self.dht.peer_id, get_dht_time(), ONLINE_WINDOW)
+        if reached is None or reached <= self.local_epoch:
+            return False
+        logger.info(f"most of the others already stepped to step {reached} (this peer at step {self.local_epoch}): "
+                    "its round would find nobody; dropping its gradients and downloading the swarm's state")
+        self.left_behind_rounds += 1
+        for scheduled in (self.scheduled_grads, self.scheduled_state):  # looked for under this step's key
+            if scheduled is not None and not scheduled.done():
+                scheduled.cancel()
+        self.scheduled_grads = self.scheduled_state = None
+        self.load_state_from_peers()
+        return True
 
     def _share_state_as(self, priority: float) -> None:
         """Offer this peer's state for download at ``priority`` (hivemind asks donors in its order; it

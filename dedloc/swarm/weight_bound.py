@@ -86,6 +86,19 @@ def parse_progress(value: Any) -> dict[PeerID, Progress]:
     return found
 
 
+def step_the_others_reached(records: dict[PeerID, Progress], me: PeerID, now: float,
+                            window: float) -> Optional[int]:
+    """The step that more than half of the other peers' current records (published within ``window``
+    seconds of ``now``) show, when they show one at all: the smallest step that a majority of them
+    reached (None: no records of others, or no majority past any step). One record alone — a wrong
+    clock, a volunteer lying about its step — cannot move the answer past the others'."""
+    steps = sorted((progress.epoch for owner, progress in records.items()
+                    if owner != me and progress.epoch >= 0 and now - progress.time <= window), reverse=True)
+    if not steps:
+        return None
+    return steps[len(steps) // 2]  # the step at least ⌊n/2⌋ + 1 of the n records reached
+
+
 class PublishedProgress:
     """Per-sender weight bounds from the senders' progress records under ``progress_key``, read in the
     background of the averager's own process (a round never waits on the DHT, but for
