@@ -13,7 +13,8 @@ gradient's norm, NaN gradients, an honest gradient with a 1000 × claimed weight
 answers it sends back for its share of every round.
 
 Prints one row per run: the coordinator's held-out loss at the last step, its ratio to the clean
-run's, and the steps the run finished. Writes ``attack.json``. The target: with the defences on, within
+run's, the steps the run finished and the attacker's gradient rounds (begun with samples of its own,
+not failed: the steps its attack could reach). Writes ``attack.json``. The target: with the defences on, within
 5 % of the clean run; off, measurably worse. Exits 1 when a defended run misses that target.
 ``--set`` changes the run config of every run, the clean one included (e.g.
 ``--set averaging.powersgd_rank=4``: the attacks against PowerSGD's factors).
@@ -52,6 +53,9 @@ class AttackRun:
     final_step: int
     seconds: float
     ratio_to_clean: Optional[float] = None
+    attacker_rounds: Optional[int] = None
+    """Gradient rounds of the attacker (peer-1) that did not fail: how many of the run's steps its
+    gradients could reach (None: no attacker)."""
 
 
 def run_config(path: Path, steps: int, peers: int, defences: Optional[bool],
@@ -92,7 +96,16 @@ def run_once(workdir: Path, label: str, attack: Optional[str], defences: Optiona
     losses = re.findall(r"held-out loss at step (\d+): (\S+)", log)
     steps_done = [int(m) for m in re.findall(r"step=(\d+) loss=", log)]
     loss = float(losses[-1][1]) if losses and int(losses[-1][0]) == steps else None
-    return AttackRun(label, attack, defences, loss, max(steps_done, default=0), time.monotonic() - started)
+    rounds = attacker_rounds(swarm.peers["peer-1"].log_text()) if attack else None
+    return AttackRun(label, attack, defences, loss, max(steps_done, default=0), time.monotonic() - started,
+                     attacker_rounds=rounds)
+
+
+def attacker_rounds(log: str) -> int:
+    """The gradient rounds a peer's log shows it began with samples of its own (a round's weight is its
+    samples: with none, what it sends weighs nothing), less those it logged as failed."""
+    begun = sum(int(samples) > 0 for samples in re.findall(r"averaging gradients \(round \d+, (\d+) local samples", log))
+    return max(0, begun - log.count("averaging with the others failed"))
 
 
 def run_matrix(out: Path, attacks: list[str], peers: int, steps: int, echo=print,
@@ -115,15 +128,17 @@ def run_matrix(out: Path, attacks: list[str], peers: int, steps: int, echo=print
 
 def describe(run: AttackRun) -> str:
     loss = "none" if run.heldout_loss is None else f"{run.heldout_loss:.4f}"
-    return f"{run.label}: held-out loss {loss} at step {run.final_step} ({run.seconds:.0f} s)"
+    rounds = "" if run.attacker_rounds is None else f", the attacker in {run.attacker_rounds} gradient rounds"
+    return f"{run.label}: held-out loss {loss} at step {run.final_step} ({run.seconds:.0f} s{rounds})"
 
 
 def table(runs: list[AttackRun]) -> str:
-    lines = ["| run | held-out loss at the last step | × clean | steps done |", "|---|---|---|---|"]
+    lines = ["| run | held-out loss at the last step | × clean | steps done | attacker's rounds |", "|---|---|---|---|---|"]
     for run in runs:
         loss = "— (no final checkpoint)" if run.heldout_loss is None else f"{run.heldout_loss:.4f}"
         ratio = "—" if run.ratio_to_clean is None else f"{run.ratio_to_clean:.3f}"
-        lines.append(f"| {run.label} | {loss} | {ratio} | {run.final_step} |")
+        rounds = "—" if run.attacker_rounds is None else str(run.attacker_rounds)
+        lines.append(f"| {run.label} | {loss} | {ratio} | {run.final_step} | {rounds} |")
     return "\n".join(lines)
 
 
