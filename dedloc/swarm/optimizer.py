@@ -874,10 +874,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         logger.info(f"most of the others already stepped to step {reached} (this peer at step {self.local_epoch}): "
                     "its round would find nobody; dropping its gradients and downloading the swarm's state")
         self.left_behind_rounds += 1
-        for scheduled in (self.scheduled_grads, self.scheduled_state):  # looked for under this step's key
-            if scheduled is not None and not scheduled.done():
-                scheduled.cancel()
-        self.scheduled_grads = self.scheduled_state = None
+        # a round scheduled at this step still looking for its group can find nobody: cancelled. One that
+        # has its group (other peers as late) is left to hivemind's download, which joins it with zero weight
+        if self.scheduled_grads is not None and not self.scheduled_grads.done() \
+                and not self.scheduled_grads.began_allreduce:
+            self.scheduled_grads.cancel()
+            self.scheduled_grads = None
         self.load_state_from_peers()
         return True
 
