@@ -21,7 +21,7 @@ from hivemind.p2p import PeerID
 
 from dedloc.lifecycle import GracefulExit
 from dedloc.swarm.optimizer import SwarmOptimizer
-from dedloc.swarm.weight_bound import parse_progress
+from dedloc.swarm.weight_bound import read_progress
 
 from .trainer import BACKGROUND_JOIN_TIMEOUT, RunStatusWatcher
 
@@ -47,8 +47,7 @@ class SwarmStepWatcher(threading.Thread):
         tracker = self.opt.tracker
         while not self._stopping.is_set():
             try:
-                found = self.opt.dht.get(tracker.training_progress_key, latest=True)
-                steps = [p.epoch for p in parse_progress(found.value if found is not None else None).values()]
+                steps = [p.epoch for p in read_progress(self.opt.dht, tracker.training_progress_key).values()]
                 if max(steps, default=-1) >= 0:
                     self.opt.grad_averager.swarm_step.value = max(steps)
             except Exception as e:  # the DHT unreachable for a while: the last step seen stands

@@ -46,7 +46,7 @@ from dedloc.swarm.reduction import CheckedReduction
 from dedloc.swarm.step_groups import StepKeyedGroups
 from dedloc.swarm.timeouts import (averaging_timeout_floor, round_reducer_timeout, round_sender_timeout, slowest_uplink,
                                    wire_bytes)
-from dedloc.swarm.weight_bound import PublishedProgress, parse_progress, step_the_others_reached
+from dedloc.swarm.weight_bound import PublishedProgress, read_progress, step_the_others_reached
 from dedloc.task.optimization import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -597,7 +597,6 @@ class SwarmOptimizer(hivemind.Optimizer):
     solo_steps = 0
     steps_apart = 0  # steps taken after a failed gradient round: solo steps, and those with no samples
     samples_accumulated_total = 0
-    left_behind_rounds = 0  # gradient rounds not begun: most of the others had stepped past (_left_behind)
     _downloaded_epoch: Optional[int] = None  # step of the state last downloaded, until this peer contributes
     _sitting_out: Optional[int] = None  # a step taken from the swarm whose averaging rounds this peer sits out
     last_step: Optional[int] = None  # the run's last step, set by the trainer: no round begins there or past it
@@ -862,9 +861,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.auxiliary or self.grad_averager is None or self.tracker.global_progress.num_peers <= 1:
             return False
         try:
-            found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True).result(
-                timeout=self.PROGRESS_READ_TIMEOUT)
-            records = parse_progress(found.value if found is not None else None)
+            records = read_progress(self.dht, self.tracker.training_progress_key, self.PROGRESS_READ_TIMEOUT)
         except Exception as e:
             logger.debug(f"cannot read the swarm's progress before a gradient round: {e!r}")
             return False
@@ -873,7 +870,6 @@ class SwarmOptimizer(hivemind.Optimizer):
             return False
         logger.info(f"most of the others already stepped to step {reached} (this peer at step {self.local_epoch}): "
                     "its round would find nobody; dropping its gradients and downloading the swarm's state")
-        self.left_behind_rounds += 1
         # a round scheduled at this step still looking for its group can find nobody: cancelled. One that
         # has its group (other peers as late) is left to hivemind's download, which joins it with zero weight
         if self.scheduled_grads is not None and not self.scheduled_grads.done() \

@@ -86,6 +86,13 @@ def parse_progress(value: Any) -> dict[PeerID, Progress]:
     return found
 
 
+def read_progress(dht: hivemind.DHT, progress_key: str, timeout: Optional[float] = None) -> dict[PeerID, Progress]:
+    """The progress records under ``progress_key``, read from the DHT now (blocking, at most ``timeout``
+    seconds; a read that times out or fails raises), as :func:`parse_progress` leaves them."""
+    found = dht.get(progress_key, latest=True, return_future=True).result(timeout)
+    return parse_progress(found.value if found is not None else None)
+
+
 def step_the_others_reached(records: dict[PeerID, Progress], me: PeerID, now: float,
                             window: float) -> Optional[int]:
     """The step that more than half of the other peers' current records (published within ``window``
