@@ -354,12 +354,11 @@ def _assert_back_in_phase(swarm, cut_off, others, total_steps: int) -> None:
     # step 15 they were 1.4e-2 apart, one after a state round that mixed its step 14 with the other's
     # step 13, the other after a step alone; the cut-off peer, 1.0e-2 and 4.4e-3 from them, held the
     # first one's parameters to 6.5e-4 at the steps around it). Such a step is held to the final check
-    def agreed(step: int) -> bool:
-        return max(theirs[step]) - min(theirs[step]) <= 3e-3 * abs(max(theirs[step]))
-    unsettled = [line["step"] for line in in_phase if not agreed(line["step"])]
-    print(f"steps checked against the others: {[line['step'] for line in in_phase if agreed(line['step'])]}; "
-          f"the others apart at {unsettled}")
-    for line in (line for line in in_phase if agreed(line["step"])):
+    checked = [line for line in in_phase
+               if max(theirs[line["step"]]) - min(theirs[line["step"]]) <= 3e-3 * abs(max(theirs[line["step"]]))]
+    print(f"steps checked against the others: {[line['step'] for line in checked]}; "
+          f"the others apart at {[line['step'] for line in in_phase if line not in checked]}")
+    for line in checked:
         assert any(math.isclose(line["params"], params, rel_tol=3e-3) for params in theirs[line["step"]]), \
             f"{line} against {theirs[line['step']]}\n{_step_table(swarm)}\n{_swarm_lines(cut_off.log_text()[back:])}"
     final = [_step_lines(node)[-1] for node in [*others, cut_off]]
