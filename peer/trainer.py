@@ -336,6 +336,8 @@ class PeerTrainer:
                 records, _ = fetch_metrics(self.dht, self.prefix)
                 wanted = 1 + len(online_peers(records.values(), exclude=self.peer_id))
                 counted_at = time.monotonic()
+                if self.opt.tracker.global_progress.num_peers < wanted:
+                    self.opt.refresh_swarm_progress()  # else it reads them up to 10 s from now
             if wanted <= 1 or self.opt.tracker.global_progress.num_peers >= wanted:
                 return
             if time.monotonic() - announced_at > ONLINE_WINDOW / 2:  # the announcement expires

@@ -708,6 +708,16 @@ class SwarmOptimizer(hivemind.Optimizer):
             )
         return behind
 
+    def refresh_swarm_progress(self) -> None:
+        """Have hivemind's progress tracker read the swarm's progress records now, not at its next
+        scheduled read. The tracker spaces its reads by the time it expects until the next step; before
+        anyone has trained that is its longest period (hivemind's ``max_refresh_period``, 10 s), so a
+        peer waiting to see the others at the start of a run saw them up to 10 s after they announced
+        themselves. (hivemind 1.1.12's fetch loop re-reads its next fetch time when woken.)"""
+        tracker = self.tracker
+        tracker.global_progress.next_fetch_time = get_dht_time()
+        tracker.global_state_updated.set()
+
     def load_state_from_peers(self, **kwargs) -> None:
         """hivemind's download. A download at home-uplink speed can take longer than a step: when the
         swarm stepped while the state was on its way, this peer takes the swarm's step instead of
