@@ -233,34 +233,13 @@ class ReportingGradientAverager(AdmittedPeersOnly, StepKeyedGroups, CheckedReduc
 
     step_of_round: Optional[Callable[[], int]] = None  # the global step whose gradients this peer averages
 
-    def schedule_step(self, scheduled_time: Optional[float] = None, **kwargs):
-        """hivemind's, with the round's deadline — how long it looks for its group, retries included —
-        at most the configured averaging timeout after its scheduled time (:meth:`matchmaking_deadline`)."""
+    def schedule_step(self, *args, **kwargs):
         self.announce(reduces=self.auxiliary or (not self.newcomer and self.local_samples_accumulated > 0))
         if self.step_of_round is not None:
             # each member tells the group which step its gradients are for (as hivemind's state rounds
             # do with the step): a round holding members at different steps is logged (CheckedReduction)
             kwargs.setdefault("gather", self.step_of_round())
-        kwargs["timeout"] = self.matchmaking_deadline(scheduled_time, kwargs.get("timeout"))
-        return super().schedule_step(scheduled_time, **kwargs)
-
-    def matchmaking_deadline(self, scheduled_time: Optional[float], timeout: Optional[float]) -> Optional[float]:
-        """The ``timeout`` of a round scheduled for ``scheduled_time``, capped at the configured averaging
-        timeout after that time.
-
-        hivemind 1.1.12's Optimizer gives a gradient round its averaging timeout both as the round's
-        deadline (matchmaking and retries; the all-reduce itself is bounded by ``allreduce_timeout``)
-        and as its wait for the result. dedloc raises that timeout to what the round's bytes need over
-        a slow uplink (:meth:`ReducerShares.allow_round_bytes`): 32–65 s at 5 Mbit/s, against 30 s
-        configured. Finding a group exchanges small messages, and a round keyed by its step
-        (:class:`StepKeyedGroups`) that has not found the others in that time will not — they averaged
-        without it — so the raised figure only lengthened the wait before a step alone (58 s once,
-        docs/performance.md). The wait for the result keeps the raised timeout."""
-        configured = getattr(self, "_configured_allreduce_timeout", None)
-        if configured is None:
-            return timeout
-        ahead = 0.0 if scheduled_time is None else max(0.0, scheduled_time - get_dht_time())
-        return ahead + configured if timeout is None else min(timeout, ahead + configured)
+        return super().schedule_step(*args, **kwargs)
 
     def group_step(self, control) -> Optional[int]:
         # a helper has no step of its own: it looks for the group of the step the swarm is at, which it
